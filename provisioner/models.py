@@ -1,0 +1,107 @@
+"""Cluster records and the state machine they move through.
+
+A record is the service's memory of one cluster: what the tenant asked for (the spec), what
+the reconciler should drive it to (``target``), and what was last observed (``status``).
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.STOPPED, Status.FAILED)
+
+
+#: Which status may follow which. Anything not listed is a bug in the caller.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset({Status.STARTING, Status.STOPPING, Status.FAILED, Status.STOPPED}),
+    Status.STARTING: frozenset({Status.RUNNING, Status.STOPPING, Status.FAILED}),
+    Status.RUNNING: frozenset({Status.STOPPING, Status.FAILED}),
+    Status.STOPPING: frozenset({Status.STOPPED, Status.FAILED}),
+    Status.STOPPED: frozenset(),
+    Status.FAILED: frozenset(),
+}
+
+LIVE = (Status.PENDING, Status.STARTING, Status.RUNNING, Status.STOPPING)
+
+
+class StopReason(enum.StrEnum):
+    USER = "user"
+    IDLE = "idle"
+    NO_CLIENT = "no-client"
+    SHUTDOWN = "service-shutdown"
+
+
+def new_cluster_id() -> str:
+    return "c-" + secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRecord:
+    """One cluster as stored. Immutable: changes go through ``evolve`` and the store."""
+
+    id: str
+    tenant: str
+    project: str
+    status: Status
+    worker_cores: float
+    worker_memory: int
+    scheduler_cores: float
+    scheduler_memory: int
+    workers_requested: int
+    idle_timeout: float
+    no_client_timeout: float
+    adaptive_minimum: int | None = None
+    adaptive_maximum: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    scheduler_address: str | None = None
+    dashboard_url: str | None = None
+    workers_running: int = 0
+    stop_requested: bool = False
+    stop_reason: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    stopped_at: float | None = None
+    backend_state: dict[str, Any] = field(default_factory=dict)
+    credentials: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.adaptive_maximum is not None
+
+    @property
+    def cores(self) -> float:
+        """What this cluster holds of its tenant's quota."""
+        if self.status.terminal:
+            return 0.0
+        return self.scheduler_cores + self.workers_requested * self.worker_cores
+
+    @property
+    def memory(self) -> int:
+        if self.status.terminal:
+            return 0
+        return self.scheduler_memory + self.workers_requested * self.worker_memory
+
+    def evolve(self, **changes: Any) -> ClusterRecord:
+        if "status" in changes:
+            new = Status(changes["status"])
+            if new != self.status and new not in TRANSITIONS[self.status]:
+                raise ValueError(f"cluster {self.id}: {self.status} -> {new} is not allowed")
+            if new.terminal and self.stopped_at is None:
+                changes.setdefault("stopped_at", time.time())
+        return replace(self, **changes)

@@ -1,0 +1,331 @@
+"""The state store: cluster records, tenants and service metadata in SQL (SQLite or PostgreSQL).
+
+Every method is blocking and runs in the store's own small thread pool, so the event loop
+never waits on the database. Admission (create, scale, adaptive growth) runs inside one
+transaction holding the tenant's lock: ``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR
+UPDATE`` of the tenant's row on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+from provisioner.models import LIVE, ClusterRecord, Status
+from provisioner.quota import Usage, check_fits, check_workers_per_cluster, workers_that_fit
+from provisioner.tenants import Quota
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+
+clusters_table = sa.Table(
+    "clusters",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("project", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("worker_cores", sa.Float, nullable=False),
+    sa.Column("worker_memory", sa.BigInteger, nullable=False),
+    sa.Column("scheduler_cores", sa.Float, nullable=False),
+    sa.Column("scheduler_memory", sa.BigInteger, nullable=False),
+    sa.Column("workers_requested", sa.Integer, nullable=False),
+    sa.Column("workers_running", sa.Integer, nullable=False, default=0),
+    sa.Column("idle_timeout", sa.Float, nullable=False),
+    sa.Column("no_client_timeout", sa.Float, nullable=False),
+    sa.Column("adaptive_minimum", sa.Integer),
+    sa.Column("adaptive_maximum", sa.Integer),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("image", sa.String(512)),
+    sa.Column("scheduler_address", sa.String(256)),
+    sa.Column("dashboard_url", sa.String(256)),
+    sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("stop_reason", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("started_at", sa.Float),
+    sa.Column("stopped_at", sa.Float),
+    sa.Column("backend_state", sa.JSON, nullable=False),
+    sa.Column("credentials", sa.JSON, nullable=False),
+)
+
+tenants_table = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+)
+
+meta_table = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+_COLUMNS = [f.name for f in fields(ClusterRecord)]
+
+
+class StoreError(Exception):
+    """The state URL cannot be used; the message says why."""
+
+
+class NotFound(KeyError):
+    pass
+
+
+def _row_to_record(row: sa.Row[Any]) -> ClusterRecord:
+    data = dict(row._mapping)
+    data["status"] = Status(data["status"])
+    return ClusterRecord(**data)
+
+
+def _record_to_row(record: ClusterRecord) -> dict[str, Any]:
+    row = asdict(record)
+    row["status"] = record.status.value
+    return row
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` with SQLite tuned for one writer and many readers."""
+    try:
+        parsed = sa.make_url(url)
+    except ArgumentError:
+        raise StoreError(f"state URL {url!r} is not a valid SQLAlchemy URL") from None
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+            @sa.event.listens_for(engine, "connect")
+            def _sqlite_setup(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            @sa.event.listens_for(engine, "begin")
+            def _sqlite_begin(conn: Connection) -> None:
+                mode = "BEGIN IMMEDIATE" if conn.info.pop("immediate", False) else "BEGIN"
+                conn.exec_driver_sql(mode)
+
+            return engine
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise StoreError(f"state URL {url!r}: database driver not available ({exc})") from None
+
+
+class Store:
+    """Cluster records and metadata; async methods backed by a private thread pool."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+
+    @contextlib.contextmanager
+    def _tx(self, lock_tenant: str | None = None) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if lock_tenant and self._sqlite:
+                conn.info["immediate"] = True
+            with conn.begin():
+                if lock_tenant and not self._sqlite:
+                    conn.execute(
+                        sa.select(tenants_table.c.name)
+                        .where(tenants_table.c.name == lock_tenant)
+                        .with_for_update()
+                    )
+                yield conn
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _open(self, tenant_names: list[str]) -> None:
+        try:
+            metadata.create_all(self.engine)
+            with self._tx() as conn:
+                known = {r.name for r in conn.execute(sa.select(tenants_table.c.name))}
+                for name in set(tenant_names) - known:
+                    conn.execute(tenants_table.insert().values(name=name))
+        except OperationalError as exc:
+            raise StoreError(f"cannot open state {self.engine.url!r}: {exc.orig}") from None
+
+    async def open(self, tenant_names: list[str]) -> None:
+        await self._call(self._open, tenant_names)
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.engine.dispose()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _get(self, cluster_id: str) -> ClusterRecord:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
+            ).first()
+        if row is None:
+            raise NotFound(cluster_id)
+        return _row_to_record(row)
+
+    async def get(self, cluster_id: str) -> ClusterRecord:
+        return await self._call(self._get, cluster_id)
+
+    def _list(
+        self, tenant: str | None, statuses: list[Status] | None, project: str | None,
+        limit: int | None,
+    ) -> list[ClusterRecord]:
+        query = sa.select(clusters_table).order_by(clusters_table.c.created_at.desc())
+        if tenant is not None:
+            query = query.where(clusters_table.c.tenant == tenant)
+        if statuses:
+            query = query.where(clusters_table.c.status.in_([s.value for s in statuses]))
+        if project is not None:
+            query = query.where(clusters_table.c.project == project)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._tx() as conn:
+            return [_row_to_record(r) for r in conn.execute(query)]
+
+    async def list(
+        self, tenant: str | None = None, statuses: list[Status] | None = None,
+        project: str | None = None, limit: int | None = None,
+    ) -> list[ClusterRecord]:
+        return await self._call(self._list, tenant, statuses, project, limit)
+
+    async def list_live(self) -> list[ClusterRecord]:
+        return await self.list(statuses=list(LIVE))
+
+    def _live_of(self, conn: Connection, tenant: str) -> list[ClusterRecord]:
+        query = sa.select(clusters_table).where(
+            clusters_table.c.tenant == tenant,
+            clusters_table.c.status.in_([s.value for s in LIVE]),
+        )
+        return [_row_to_record(r) for r in conn.execute(query)]
+
+    async def usage(self, tenant: str) -> Usage:
+        def run() -> Usage:
+            with self._tx() as conn:
+                return Usage.of(self._live_of(conn, tenant))
+
+        return await self._call(run)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
+        with self._tx(lock_tenant=record.tenant) as conn:
+            usage = Usage.of(self._live_of(conn, record.tenant))
+            check_workers_per_cluster(quota, record.workers_requested)
+            check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1)
+            conn.execute(clusters_table.insert().values(**_record_to_row(record)))
+        return record
+
+    async def admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
+        """Insert a new cluster if it fits the tenant's quota, atomically; else QuotaExceeded."""
+        return await self._call(self._admit, record, quota)
+
+    def _resize(
+        self, cluster_id: str, quota: Quota, workers: int, best_effort: bool,
+        changes: dict[str, Any],
+    ) -> ClusterRecord:
+        with self.engine.connect() as probe:
+            tenant = probe.execute(
+                sa.select(clusters_table.c.tenant).where(clusters_table.c.id == cluster_id)
+            ).scalar()
+        if tenant is None:
+            raise NotFound(cluster_id)
+        with self._tx(lock_tenant=tenant) as conn:
+            row = conn.execute(
+                sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
+            ).first()
+            assert row is not None
+            record = _row_to_record(row)
+            if record.status.terminal or record.stop_requested:
+                return record
+            others = [r for r in self._live_of(conn, tenant) if r.id != cluster_id]
+            usage = Usage.of([*others, record])
+            if best_effort:
+                workers = workers_that_fit(quota, usage, record, workers)
+            elif workers > record.workers_requested:
+                check_workers_per_cluster(quota, workers)
+                extra = workers - record.workers_requested
+                check_fits(quota, usage, cores=extra * record.worker_cores,
+                           memory=extra * record.worker_memory)
+            else:
+                check_workers_per_cluster(quota, workers)
+            updated = record.evolve(workers_requested=workers, **changes)
+            conn.execute(
+                clusters_table.update()
+                .where(clusters_table.c.id == cluster_id)
+                .values(workers_requested=workers, **changes)
+            )
+        return updated
+
+    async def resize(
+        self, cluster_id: str, quota: Quota, workers: int, *, best_effort: bool = False,
+        **changes: Any,
+    ) -> ClusterRecord:
+        """Set the worker count under the tenant's lock.
+
+        Strict (scale): QuotaExceeded if the growth does not fit. Best effort (adaptive):
+        grow only as far as the free quota allows.
+        """
+        return await self._call(self._resize, cluster_id, quota, workers, best_effort, changes)
+
+    def _update(self, cluster_id: str, changes: dict[str, Any]) -> ClusterRecord:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
+            ).first()
+            if row is None:
+                raise NotFound(cluster_id)
+            updated = _row_to_record(row).evolve(**changes)
+            values = {k: v for k, v in _record_to_row(updated).items() if k in changes
+                      or k == "stopped_at"}
+            conn.execute(
+                clusters_table.update().where(clusters_table.c.id == cluster_id).values(**values)
+            )
+        return updated
+
+    async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:
+        """Apply field changes (status transitions checked) and return the new record."""
+        return await self._call(self._update, cluster_id, changes)
+
+    def _get_meta(self, key: str) -> str | None:
+        with self._tx() as conn:
+            return conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == key)
+            ).scalar()
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self._call(self._get_meta, key)
+
+    def _set_meta(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            conn.execute(meta_table.delete().where(meta_table.c.key == key))
+            conn.execute(meta_table.insert().values(key=key, value=value))
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._call(self._set_meta, key, value)
+
+
+assert set(_COLUMNS) == {c.name for c in clusters_table.columns}, "record and table disagree"

@@ -1,0 +1,172 @@
+"""Tenants: who may ask for clusters, how much they may hold, and what they get by default.
+
+Tenants come from a YAML file (tokens only as SHA-256 hashes) or, with no file, a single
+``default`` tenant sized to this machine. A bad file stops start-up with a message that names
+the tenant and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from provisioner.sizes import parse_bytes, parse_seconds
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+Seconds = Annotated[float, BeforeValidator(parse_seconds), Field(ge=0)]
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class TenantsFileError(Exception):
+    """The tenants file cannot be used; the message says where and why."""
+
+
+class Quota(BaseModel):
+    """Totals across all of a tenant's live clusters, schedulers included."""
+
+    model_config = ConfigDict(extra="forbid")
+    cores: float = Field(gt=0)
+    memory: Bytes
+    clusters: int = Field(default=10, ge=1)
+    workers_per_cluster: int | None = Field(default=None, ge=0)
+
+
+class Defaults(BaseModel):
+    """What a cluster gets when the request leaves a field out, and the bounds of timeouts."""
+
+    model_config = ConfigDict(extra="forbid")
+    worker_cores: float = Field(default=1, gt=0)
+    worker_memory: Bytes = 2 * 2**30
+    scheduler_cores: float = Field(default=1, gt=0)
+    scheduler_memory: Bytes = 2**30
+    idle_timeout: Seconds = 1800
+    no_client_timeout: Seconds = 600
+    max_idle_timeout: Seconds = 86400
+    max_no_client_timeout: Seconds = 86400
+
+
+class Tenant(BaseModel):
+    """One tenant: name, token hashes, quota, defaults, and its Mesos role."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    token_sha256: list[str] = Field(min_length=1)
+    quota: Quota
+    defaults: Defaults = Defaults()
+    mesos_role: str | None = None
+    env: dict[str, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tokens_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("token_sha256"), str):
+            data = {**data, "token_sha256": [data["token_sha256"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Tenant:
+        for digest in self.token_sha256:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("token_sha256 must be 64 lowercase hex characters (a SHA-256)")
+        return self
+
+    @property
+    def role(self) -> str:
+        return self.mesos_role or self.name
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh random token and its SHA-256 (what goes into the tenants file)."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+class TenantDirectory:
+    """Looks tenants up by token in constant time per stored hash."""
+
+    def __init__(self, tenants: list[Tenant]) -> None:
+        self._tenants = {t.name: t for t in tenants}
+        self._by_hash = {digest: t for t in tenants for digest in t.token_sha256}
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._tenants.values())
+
+    def get(self, name: str) -> Tenant | None:
+        return self._tenants.get(name)
+
+    def authenticate(self, token: str) -> Tenant | None:
+        digest = hash_token(token)
+        found = None
+        for known, tenant in self._by_hash.items():
+            if hmac.compare_digest(known, digest):
+                found = tenant
+        return found
+
+
+def _describe(error: ValidationError, index: int, raw: Any) -> str:
+    name = raw.get("name") if isinstance(raw, dict) else None
+    who = f"tenant {name!r}" if name else f"tenant #{index + 1}"
+    parts = []
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(entry)"
+        parts.append(f"{field}: {err['msg']}")
+    return f"{who}: " + "; ".join(parts)
+
+
+def load_tenants(path: str | Path) -> list[Tenant]:
+    """Parse and validate a tenants file; raise TenantsFileError naming tenant and field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise TenantsFileError(f"cannot read tenants file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise TenantsFileError(f"tenants file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
+        raise TenantsFileError(f"tenants file {path} must have a top-level list 'tenants'")
+    tenants: list[Tenant] = []
+    errors: list[str] = []
+    for index, raw in enumerate(data["tenants"]):
+        try:
+            tenants.append(Tenant.model_validate(raw))
+        except ValidationError as exc:
+            errors.append(_describe(exc, index, raw))
+    names = [t.name for t in tenants]
+    for name in {n for n in names if names.count(n) > 1}:
+        errors.append(f"tenant {name!r}: name appears more than once")
+    digests = [d for t in tenants for d in t.token_sha256]
+    if len(digests) != len(set(digests)):
+        errors.append("the same token_sha256 is given to more than one tenant")
+    if not tenants and not errors:
+        errors.append("no tenants defined")
+    if errors:
+        raise TenantsFileError(f"tenants file {path}: " + " | ".join(errors))
+    return tenants
+
+
+def machine_tenant(token_sha256: str) -> Tenant:
+    """The embedded default: one tenant 'default' sized to this machine."""
+    cores = float(os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 4 * 2**30
+    return Tenant(
+        name="default",
+        token_sha256=[token_sha256],
+        quota=Quota(cores=max(cores * 2, 4), memory=memory, clusters=10),
+        defaults=Defaults(worker_cores=1, worker_memory=min(2 * 2**30, memory // 4),
+                          scheduler_cores=1, scheduler_memory=min(2**30, memory // 8)),
+    )
