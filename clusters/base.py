@@ -1,0 +1,95 @@
+"""The backend interface: a small set of operations that fit OS processes and Mesos tasks alike.
+
+The core calls these; a backend reports exits and state changes back through
+:class:`BackendEvents`. Operations are idempotent so the reconciler can repeat them after a
+crash without harm.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class LaunchError(Exception):
+    """A scheduler or worker could not be started; the message is the reason shown to users."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """What to run for one cluster, in plain terms."""
+
+    cluster_id: str
+    tenant: str
+    role: str
+    worker_cores: float
+    worker_memory: int
+    scheduler_cores: float
+    scheduler_memory: int
+    env: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    #: PEM texts for per-cluster TLS (``ca``, ``cert``, ``key``); empty means plain TCP.
+    credentials: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerEndpoint:
+    address: str
+    dashboard_url: str | None = None
+
+
+class BackendEvents(Protocol):
+    """How a backend tells the core what happened. All are safe to call more than once."""
+
+    async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
+        """Persist the backend's state of this cluster (process ids, task ids, ...)."""
+
+    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
+        """The scheduler is gone without being asked to stop."""
+
+    async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
+        """A worker is gone without being asked to stop."""
+
+
+class Backend(abc.ABC):
+    """Starts and stops the processes (or tasks) of clusters."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def open(self, events: BackendEvents) -> None:
+        """Connect (to Mesos, to a fork server, ...) and start reporting events."""
+
+    @abc.abstractmethod
+    async def close(self, stop_clusters: bool) -> None:
+        """Stop reporting; stop every cluster's processes too if ``stop_clusters``."""
+
+    @abc.abstractmethod
+    async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]]) -> dict[str, str | None]:
+        """Re-adopt clusters after a restart; kill anything of ours not in ``clusters``.
+
+        Returns, per cluster id, None if its scheduler is alive (and now watched again) or
+        the reason it is gone.
+        """
+
+    @abc.abstractmethod
+    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+        """Start the scheduler and return once it accepts connections."""
+
+    @abc.abstractmethod
+    async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
+        """Ask for workers with these Dask names; they connect to ``address`` on their own."""
+
+    @abc.abstractmethod
+    async def stop_workers(self, cluster_id: str, names: Sequence[str]) -> None:
+        """Stop these workers (already retired in Dask, or being replaced)."""
+
+    @abc.abstractmethod
+    async def stop_cluster(self, cluster_id: str) -> None:
+        """Stop the scheduler and every worker of the cluster; idempotent."""
+
+    @abc.abstractmethod
+    def live_workers(self, cluster_id: str) -> set[str]:
+        """Names of workers launched and not known to have exited."""

@@ -1,0 +1,277 @@
+"""Local backend: each scheduler and worker is its own OS process group on this machine.
+
+Processes carry an owner marker in their environment so that, after a crash of the service,
+a restart can tell its own leftovers from everything else: those it has records for are
+re-adopted, the rest are killed. Nothing of the service's environment reaches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from clusters.base import Backend, BackendEvents, ClusterSpec, LaunchError, SchedulerEndpoint
+from clusters.local.procs import (
+    ProcessRef,
+    exit_reason,
+    is_alive,
+    ref_for,
+    terminate,
+    wait_exit,
+)
+from clusters.local.spawn import ProcessLauncher
+
+logger = logging.getLogger("provisioner.local")
+
+OWNER_VAR = "DASK_PROVISIONER_OWNER"
+#: Harmless variables of the host passed through: where programs are, locale, and CPU quirks
+#: some BLAS builds need to run correctly on this hardware.
+PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: Like Dask's nanny: one BLAS thread per task thread, and memory given back to the OS.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+}
+
+
+class Launcher(Protocol):
+    async def launch(
+        self, role: str, options: dict[str, Any], env: dict[str, str], log: Path,
+        wait_ready: bool = True,
+    ) -> tuple[ProcessRef, dict[str, Any]]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Cluster:
+    spec: ClusterSpec | None
+    directory: Path
+    scheduler: ProcessRef | None = None
+    workers: dict[str, ProcessRef] = field(default_factory=dict)
+    stopping: set[str] = field(default_factory=set)
+    watchers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.as_dict() if self.scheduler else None,
+            "workers": {n: r.as_dict() for n, r in self.workers.items()},
+        }
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1",
+                 launcher: Launcher | None = None, worker_death_timeout: float = 60) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.launcher: Launcher = launcher or ProcessLauncher()
+        self.worker_death_timeout = worker_death_timeout
+        self.owner = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        self._clusters: dict[str, _Cluster] = {}
+        self._events: BackendEvents | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _cluster(self, cluster_id: str, spec: ClusterSpec | None = None) -> _Cluster:
+        cluster = self._clusters.get(cluster_id)
+        if cluster is None:
+            directory = self.data_dir / "clusters" / cluster_id
+            cluster = self._clusters[cluster_id] = _Cluster(spec, directory)
+        if spec is not None:
+            cluster.spec = spec
+        return cluster
+
+    def environment(self, spec: ClusterSpec, worker: bool) -> dict[str, str]:
+        """Exactly what a cluster process sees: a few host basics, the tenant's env, our marker."""
+        env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+        env.setdefault("PATH", os.defpath)
+        env["HOME"] = str(self._cluster(spec.cluster_id).directory)
+        if worker:
+            env.update(WORKER_ENV)
+        env.update(spec.env)
+        env[OWNER_VAR] = f"{self.owner}:{spec.cluster_id}"
+        return env
+
+    async def _save(self, cluster_id: str) -> None:
+        cluster = self._clusters.get(cluster_id)
+        state = cluster.state() if cluster else {"scheduler": None, "workers": {}}
+        if self._events:
+            await self._events.state_changed(cluster_id, state)
+
+    def _watch(self, cluster_id: str, name: str | None, ref: ProcessRef) -> None:
+        cluster = self._cluster(cluster_id)
+        task = asyncio.create_task(self._watch_one(cluster_id, name, ref))
+        cluster.watchers.add(task)
+        task.add_done_callback(cluster.watchers.discard)
+
+    async def _watch_one(self, cluster_id: str, name: str | None, ref: ProcessRef) -> None:
+        code = await wait_exit(ref)
+        cluster = self._clusters.get(cluster_id)
+        if cluster is None or self._events is None:
+            return
+        if name is None:
+            if cluster.scheduler != ref or "scheduler" in cluster.stopping:
+                return
+            cluster.scheduler = None
+            await self._save(cluster_id)
+            await self._events.scheduler_lost(cluster_id, f"scheduler {exit_reason(code)}")
+        else:
+            if cluster.workers.get(name) != ref:
+                return
+            del cluster.workers[name]
+            await self._save(cluster_id)
+            if name not in cluster.stopping:
+                await self._events.worker_lost(cluster_id, name, f"worker {exit_reason(code)}")
+            cluster.stopping.discard(name)
+
+    # -- Backend ---------------------------------------------------------------------------
+
+    async def open(self, events: BackendEvents) -> None:
+        self._events = events
+        (self.data_dir / "clusters").mkdir(parents=True, exist_ok=True)
+
+    async def close(self, stop_clusters: bool) -> None:
+        if stop_clusters:
+            await asyncio.gather(*(self.stop_cluster(cid) for cid in list(self._clusters)))
+        for cluster in self._clusters.values():
+            for task in list(cluster.watchers):
+                task.cancel()
+        self._events = None
+        await self.launcher.close()
+
+    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+        cluster = self._cluster(spec.cluster_id, spec)
+        cluster.stopping.discard("scheduler")
+        if cluster.scheduler and is_alive(cluster.scheduler):
+            await terminate(cluster.scheduler, grace=1)
+        cluster.directory.mkdir(parents=True, exist_ok=True)
+        options = {"host": self.host, "port": 0, "credentials": spec.credentials or None}
+        ref, info = await self.launcher.launch(
+            "scheduler", options, self.environment(spec, worker=False),
+            cluster.directory / "scheduler.log",
+        )
+        cluster.scheduler = ref
+        await self._save(spec.cluster_id)
+        self._watch(spec.cluster_id, None, ref)
+        return SchedulerEndpoint(info["address"], info.get("dashboard"))
+
+    async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
+        cluster = self._cluster(spec.cluster_id, spec)
+        cluster.directory.mkdir(parents=True, exist_ok=True)
+        env = self.environment(spec, worker=True)
+
+        async def one(name: str) -> None:
+            options = {
+                "address": address, "name": name, "host": self.host,
+                "nthreads": max(1, round(spec.worker_cores)),
+                "memory_limit": spec.worker_memory,
+                "death_timeout": self.worker_death_timeout,
+                "credentials": spec.credentials or None,
+            }
+            ref, _ = await self.launcher.launch(
+                "worker", options, env, cluster.directory / f"{name}.log", wait_ready=False
+            )
+            cluster.workers[name] = ref
+            self._watch(spec.cluster_id, name, ref)
+
+        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        await self._save(spec.cluster_id)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise LaunchError(f"could not start {len(errors)} worker(s): {errors[0]}")
+
+    async def stop_workers(self, cluster_id: str, names: Sequence[str]) -> None:
+        cluster = self._clusters.get(cluster_id)
+        if cluster is None:
+            return
+        refs = []
+        for name in names:
+            ref = cluster.workers.get(name)
+            if ref is not None:
+                cluster.stopping.add(name)
+                refs.append(ref)
+        await asyncio.gather(*(terminate(r) for r in refs))
+
+    async def stop_cluster(self, cluster_id: str) -> None:
+        cluster = self._clusters.get(cluster_id)
+        if cluster is None:
+            return
+        cluster.stopping.update(cluster.workers)
+        cluster.stopping.add("scheduler")
+        refs = list(cluster.workers.values())
+        await asyncio.gather(*(terminate(r, grace=3) for r in refs))
+        if cluster.scheduler:
+            await terminate(cluster.scheduler, grace=3)
+        for task in list(cluster.watchers):
+            task.cancel()
+        self._clusters.pop(cluster_id, None)
+        await self._save(cluster_id)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(shutil.rmtree, cluster.directory, True)
+
+    def live_workers(self, cluster_id: str) -> set[str]:
+        cluster = self._clusters.get(cluster_id)
+        if cluster is None:
+            return set()
+        return set(cluster.workers) - cluster.stopping
+
+    async def recover(
+        self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]]
+    ) -> dict[str, str | None]:
+        result: dict[str, str | None] = {}
+        known: set[int] = set()
+        for spec, state in clusters:
+            cluster = self._cluster(spec.cluster_id, spec)
+            sched = state.get("scheduler")
+            ref = ProcessRef.from_dict(sched) if sched else None
+            if ref and is_alive(ref):
+                cluster.scheduler = ref
+                known.add(ref.pid)
+                self._watch(spec.cluster_id, None, ref)
+                result[spec.cluster_id] = None
+            else:
+                result[spec.cluster_id] = "scheduler process gone while the service was down"
+            for name, data in (state.get("workers") or {}).items():
+                wref = ProcessRef.from_dict(data)
+                if is_alive(wref) and result[spec.cluster_id] is None:
+                    cluster.workers[name] = wref
+                    known.add(wref.pid)
+                    self._watch(spec.cluster_id, name, wref)
+            await self._save(spec.cluster_id)
+        strays = await asyncio.to_thread(self._find_ours, known)
+        if strays:
+            logger.warning("killing %d unrecognised cluster process(es): %s", len(strays),
+                           [r.pid for r in strays])
+        await asyncio.gather(*(terminate(r, grace=2) for r in strays))
+        return result
+
+    def _find_ours(self, known: set[int]) -> list[ProcessRef]:
+        """Processes carrying our owner marker that no record accounts for."""
+        marker = f"{OWNER_VAR}={self.owner}:".encode()
+        strays = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in known:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:
+                continue
+            if any(item.startswith(marker) for item in environ.split(b"\0")):
+                ref = ref_for(int(entry.name))
+                with contextlib.suppress(OSError):
+                    if ref is not None and os.getpgid(ref.pid) == ref.pid:
+                        strays.append(ref)
+        return strays

@@ -1,0 +1,116 @@
+"""Start one scheduler or worker as a fresh OS process and learn when it is ready.
+
+The process leads its own session (so the whole group can be signalled and it outlives a
+killed service), writes its output to a log file, gets exactly the environment it is given,
+and reports its address as one JSON line on a pipe before closing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from clusters.base import LaunchError
+from clusters.local.procs import ProcessRef, exit_reason, ref_for, terminate, wait_exit
+
+READY_FD = 3
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        text = path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+    return ""
+
+
+async def _read_line(fd: int) -> bytes:
+    """Read one line from a pipe without blocking the loop; b'' if it closed first."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = bytearray()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        buf.extend(chunk)
+        if not chunk or (b"\n" in buf and not done.done()):
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+    return bytes(buf.split(b"\n", 1)[0]) if b"\n" in buf else b""
+
+
+class ProcessLauncher:
+    """Launches ``python -m clusters.runner`` with posix_spawn (no fork of the service)."""
+
+    def __init__(self, python: str = sys.executable, ready_timeout: float = 120.0) -> None:
+        self.python = python
+        self.ready_timeout = ready_timeout
+
+    async def close(self) -> None:
+        return None
+
+    def _spawn(self, role: str, options: dict[str, Any], env: dict[str, str], log: Path,
+               write_fd: int) -> int:
+        argv = [self.python, "-m", "clusters.runner", role, json.dumps(options), str(READY_FD)]
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+            (os.POSIX_SPAWN_DUP2, write_fd, READY_FD),
+        ]
+        return os.posix_spawn(self.python, argv, env, file_actions=actions, setsid=True)
+
+    async def launch(
+        self, role: str, options: dict[str, Any], env: dict[str, str], log: Path,
+        wait_ready: bool = True,
+    ) -> tuple[ProcessRef, dict[str, Any]]:
+        """Start the process; with ``wait_ready``, return its ready report too."""
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = await asyncio.to_thread(self._spawn, role, options, env, log, write_fd)
+        finally:
+            os.close(write_fd)
+        ref = ref_for(pid) or ProcessRef(pid, -1)
+        if not wait_ready:
+            os.close(read_fd)
+            return ref, {}
+        try:
+            line_task = asyncio.ensure_future(_read_line(read_fd))
+            exit_task = asyncio.ensure_future(wait_exit(ref))
+            done, _ = await asyncio.wait(
+                [line_task, exit_task], timeout=self.ready_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if line_task in done and line_task.result():
+                exit_task.cancel()
+                return ref, json.loads(line_task.result())
+            line_task.cancel()
+            if line_task in done and exit_task not in done:
+                # The pipe closed without a report: the process is on its way out.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exit_task), 10)
+                done = {exit_task} if exit_task.done() else done
+            if exit_task not in done:
+                exit_task.cancel()
+                await terminate(ref, grace=2)
+                raise LaunchError(
+                    f"{role} not ready after {self.ready_timeout:g}s: {_tail(log)}"
+                )
+            raise LaunchError(
+                f"{role} {exit_reason(exit_task.result())} before it was ready: {_tail(log)}"
+            )
+        finally:
+            os.close(read_fd)

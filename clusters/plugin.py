@@ -1,0 +1,128 @@
+"""A small plugin inside each Dask scheduler that tells the service what the cluster is doing.
+
+The service long-polls the ``provisioner_report`` handler: it returns at once when something
+changed since the version the caller saw (workers, clients, busy/idle, adaptive target), or
+after ``timeout`` seconds. That is push in effect (a change reaches the service within one
+tick) over a connection the service opens, so it works the same on local processes and on
+Mesos agents and needs no route back from the cluster to the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.scheduler import Scheduler
+
+logger = logging.getLogger("provisioner.plugin")
+
+FIRE_AND_FORGET = "fire-and-forget"
+
+
+class ProvisionerPlugin(SchedulerPlugin):
+    """Observes the scheduler and answers the service's long-polls."""
+
+    name = "dask-provisioner"
+
+    def __init__(self, tick: float = 0.25) -> None:
+        self.tick = tick
+        self.version = 0
+        self._snapshot: tuple[Any, ...] | None = None
+        self._changed = asyncio.Event()
+        self._no_client_since: float | None = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self.scheduler: Scheduler | None = None
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self._changed = asyncio.Event()
+        scheduler.handlers["provisioner_report"] = self.report
+        self._task = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    # -- hooks that change what we report ------------------------------------------------
+
+    def _clients(self) -> int:
+        assert self.scheduler is not None
+        return sum(1 for c in self.scheduler.clients if c != FIRE_AND_FORGET)
+
+    def add_client(self, scheduler: Scheduler, client: str) -> None:
+        if client != FIRE_AND_FORGET:
+            self._no_client_since = None
+        self._refresh()
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        # Called before the client is removed from scheduler.clients.
+        remaining = sum(1 for c in scheduler.clients if c not in (FIRE_AND_FORGET, client))
+        if remaining == 0 and self._no_client_since is None:
+            self._no_client_since = time.monotonic()
+        self._refresh()
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self._refresh()
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self._refresh()
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        s = self.scheduler
+        assert s is not None
+        return s.check_idle() is None
+
+    def _state(self) -> tuple[Any, ...]:
+        s = self.scheduler
+        assert s is not None
+        workers = tuple(sorted(str(ws.name) for ws in s.workers.values()))
+        target = s.adaptive_target() if s.workers or s.queued or s.unrunnable else 0
+        return (workers, self._clients(), self._busy(), target)
+
+    def _refresh(self) -> None:
+        if self.scheduler is None:
+            return
+        state = self._state()
+        if state != self._snapshot:
+            self._snapshot = state
+            self.version += 1
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self._refresh()
+            except Exception:  # never let observation kill the scheduler
+                logger.exception("provisioner plugin refresh failed")
+
+    async def report(self, version: int = -1, timeout: float = 30.0) -> dict[str, Any]:
+        """Return the cluster's state once it differs from ``version`` (or after ``timeout``)."""
+        self._refresh()
+        if version == self.version:
+            waiter = self._changed
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout)
+            except TimeoutError:
+                pass
+        s = self.scheduler
+        assert s is not None and self._snapshot is not None
+        workers, clients, busy, target = self._snapshot
+        now = time.monotonic()
+        idle_since = s.idle_since
+        return {
+            "version": self.version,
+            "workers": list(workers),
+            "clients": clients,
+            "busy": busy,
+            "idle_for": None if busy or not idle_since else max(0.0, time.time() - idle_since),
+            "no_client_for": None if self._no_client_since is None
+            else now - self._no_client_since,
+            "adaptive_target": target,
+        }

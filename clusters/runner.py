@@ -1,0 +1,125 @@
+"""Run one Dask scheduler or worker in this process, the way every backend starts them.
+
+``python -m clusters.runner scheduler|worker '<json options>'`` is the command line used for
+child processes and Mesos tasks; :func:`serve` is also called directly in processes forked
+from a warm server, so both paths run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from distributed import Scheduler, Worker
+from distributed.security import Security
+
+from clusters.plugin import ProvisionerPlugin
+
+
+def security_from(credentials: dict[str, str] | None) -> Security | None:
+    """A Security that requires TLS with this cluster's own CA, or None for plain TCP."""
+    if not credentials:
+        return None
+    return Security(
+        tls_ca_file=credentials["ca"],
+        tls_scheduler_cert=credentials["cert"],
+        tls_scheduler_key=credentials["key"],
+        tls_worker_cert=credentials["cert"],
+        tls_worker_key=credentials["key"],
+        tls_client_cert=credentials["cert"],
+        tls_client_key=credentials["key"],
+        require_encryption=True,
+    )
+
+
+def _protocol(options: dict[str, Any]) -> str:
+    return "tls://" if options.get("credentials") else "tcp://"
+
+
+async def _scheduler(options: dict[str, Any]) -> Scheduler:
+    host = options.get("host", "127.0.0.1")
+    dashboard = options.get("dashboard_port")
+    scheduler = Scheduler(
+        host=host,
+        port=options.get("port", 0),
+        protocol=_protocol(options),
+        security=security_from(options.get("credentials")),
+        dashboard=dashboard is not None,
+        dashboard_address=f"{host}:{dashboard}" if dashboard is not None else None,
+        validate=False,
+    )
+    scheduler.add_plugin(ProvisionerPlugin())
+    await scheduler
+    return scheduler
+
+
+async def _worker(options: dict[str, Any]) -> Worker:
+    worker = Worker(
+        options["address"],
+        name=options["name"],
+        nthreads=int(options.get("nthreads", 1)),
+        memory_limit=int(options.get("memory_limit", 0)) or "auto",
+        host=options.get("host", "127.0.0.1"),
+        security=security_from(options.get("credentials")),
+        death_timeout=options.get("death_timeout", 60),
+        validate=False,
+    )
+    await worker
+    return worker
+
+
+def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        os.close(fd)
+
+
+async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None) -> int:
+    """Start the server, report readiness on ``ready_fd``, run until closed or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    server: Scheduler | Worker
+    if role == "scheduler":
+        server = await _scheduler(options)
+        dashboard = None
+        if server.http_server is not None and options.get("dashboard_port") is not None:
+            dashboard = f"http://{options.get('host', '127.0.0.1')}:{server.http_server.port}/status"
+        _report_ready(ready_fd, {"address": server.address, "dashboard": dashboard})
+    elif role == "worker":
+        server = await _worker(options)
+        _report_ready(ready_fd, {"address": server.address})
+    else:
+        raise SystemExit(f"unknown role {role!r}")
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    closed = asyncio.ensure_future(server.finished())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([closed, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set() and not closed.done():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.close(), 10)
+    stopper.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print("usage: python -m clusters.runner scheduler|worker '<json options>' [ready-fd]",
+              file=sys.stderr)
+        return 2
+    role, options = argv[0], json.loads(argv[1])
+    ready_fd = int(argv[2]) if len(argv) > 2 else None
+    return asyncio.run(serve(role, options, ready_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
