@@ -1,0 +1,1 @@
+"""The HTTP face of the service: FastAPI routes, schemas, auth and metrics."""

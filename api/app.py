@@ -1,0 +1,120 @@
+"""The FastAPI application: routers, error mapping, body limits and the service's lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api import routes_clusters, routes_tenants
+from provisioner import __version__
+from provisioner.service import Conflict, InvalidRequest, NotFound, Provisioner, QuotaExceeded
+
+MAX_BODY = 64 * 1024
+
+
+def _error(status: int, detail: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"detail": detail}
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"field": _field(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return _error(422, detail, errors)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = JSONResponse(
+            {"detail": f"body: request body larger than {self.limit} bytes"}, status_code=413
+        )
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await too_big(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooBig
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooBig:
+            await too_big(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastAPI:
+    """The app for ``provisioner``; with ``manage_lifecycle`` it starts and stops it too."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await provisioner.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await provisioner.stop()
+
+    app = FastAPI(
+        title="dask-provisioner",
+        version=__version__,
+        description="Per-tenant Dask clusters on demand.",
+        lifespan=lifespan,
+    )
+    app.state.provisioner = provisioner
+    app.include_router(routes_clusters.router)
+    app.include_router(routes_tenants.router)
+
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, f"cluster {exc.args[0]!s} not found")
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+        return _error(403, str(exc))
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+        status = 409 if isinstance(exc, Conflict) else 422
+        return _error(status, str(exc), [{"field": exc.field, "message": exc.message}])
+
+    app.add_middleware(BodyLimit)
+    return app

@@ -1,0 +1,100 @@
+"""/clusters: create, list, show, scale, adapt, stop."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from api.auth import current_tenant, get_provisioner
+from api.schemas import (
+    PROJECT_PATTERN,
+    AdaptRequest,
+    ClusterCreate,
+    ClusterList,
+    ClusterOut,
+    ErrorOut,
+    ScaleRequest,
+)
+from provisioner.models import Status
+from provisioner.service import ClusterRequest, Provisioner
+from provisioner.tenants import Tenant
+
+router = APIRouter(
+    prefix="/clusters",
+    tags=["clusters"],
+    responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+)
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+ServiceDep = Annotated[Provisioner, Depends(get_provisioner)]
+Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait until running")]
+
+
+@router.post("", status_code=201, response_model=ClusterOut,
+             responses={403: {"model": ErrorOut}})
+async def create_cluster(
+    tenant: TenantDep, service: ServiceDep, body: ClusterCreate | None = None, wait: Wait = 0
+) -> ClusterOut:
+    body = body or ClusterCreate()
+    request = ClusterRequest(
+        project=body.project,
+        workers=body.workers,
+        worker_cores=body.worker_cores,
+        worker_memory=body.worker_memory,
+        adaptive_minimum=body.adaptive.minimum if body.adaptive else None,
+        adaptive_maximum=body.adaptive.maximum if body.adaptive else None,
+        idle_timeout=body.idle_timeout,
+        no_client_timeout=body.no_client_timeout,
+        env=body.env,
+        image=body.image,
+    )
+    record = await service.create(tenant, request)
+    if wait:
+        record = await service.wait(tenant, record.id, wait)
+    return ClusterOut.of(record)
+
+
+@router.get("", response_model=ClusterList)
+async def list_clusters(
+    tenant: TenantDep,
+    service: ServiceDep,
+    status: Status | None = None,
+    project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
+) -> ClusterList:
+    records = await service.list(tenant, status, project)
+    return ClusterList(clusters=[ClusterOut.of(r) for r in records])
+
+
+@router.get("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})
+async def get_cluster(
+    cluster_id: str, tenant: TenantDep, service: ServiceDep, wait: Wait = 0
+) -> ClusterOut:
+    if wait:
+        return ClusterOut.of(await service.wait(tenant, cluster_id, wait))
+    return ClusterOut.of(await service.get(tenant, cluster_id))
+
+
+@router.post("/{cluster_id}/scale", response_model=ClusterOut,
+             responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut},
+                        409: {"model": ErrorOut}})
+async def scale_cluster(
+    cluster_id: str, body: ScaleRequest, tenant: TenantDep, service: ServiceDep
+) -> ClusterOut:
+    return ClusterOut.of(await service.scale(tenant, cluster_id, body.workers))
+
+
+@router.post("/{cluster_id}/adapt", response_model=ClusterOut,
+             responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut},
+                        409: {"model": ErrorOut}})
+async def adapt_cluster(
+    cluster_id: str, body: AdaptRequest, tenant: TenantDep, service: ServiceDep
+) -> ClusterOut:
+    return ClusterOut.of(await service.adapt(tenant, cluster_id, body.minimum, body.maximum))
+
+
+@router.delete("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})
+async def delete_cluster(
+    cluster_id: str, tenant: TenantDep, service: ServiceDep
+) -> ClusterOut:
+    return ClusterOut.of(await service.delete(tenant, cluster_id))

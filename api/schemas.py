@@ -1,0 +1,146 @@
+"""Request and response bodies of the REST contract (see DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from provisioner.models import ClusterRecord
+from provisioner.sizes import MAX_SECONDS, parse_bytes, parse_seconds
+
+MAX_WORKERS = 10_000
+MAX_CORES = 1024.0
+MAX_ENV = 64
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1, le=2**50)]
+Seconds = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0, le=MAX_SECONDS)]
+WorkerCount = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+RESERVED_ENV_PREFIXES = ("DASK_PROVISIONER_", "MESOS_")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdaptiveSpec(Strict):
+    minimum: WorkerCount = 0
+    maximum: WorkerCount
+
+
+class ClusterCreate(Strict):
+    """Every field is optional: the tenant's defaults fill the rest."""
+
+    project: str = Field(default="default", pattern=PROJECT_PATTERN)
+    workers: WorkerCount | None = None
+    worker_cores: float | None = Field(default=None, gt=0, le=MAX_CORES, allow_inf_nan=False)
+    worker_memory: Bytes | None = None
+    adaptive: AdaptiveSpec | None = None
+    idle_timeout: Seconds | None = None
+    no_client_timeout: Seconds | None = None
+    env: dict[str, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict,
+                                                                   max_length=MAX_ENV)
+    image: str | None = Field(default=None, min_length=1, max_length=512,
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, value in env.items():
+            if not re.fullmatch(ENV_NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(f"{name!r} uses a reserved prefix")
+            if "\0" in value:
+                raise ValueError(f"value of {name!r} contains a NUL byte")
+        return env
+
+
+class ScaleRequest(Strict):
+    workers: WorkerCount
+
+
+class AdaptRequest(Strict):
+    minimum: WorkerCount = 0
+    maximum: WorkerCount
+
+
+class WorkerCounts(BaseModel):
+    requested: int
+    running: int
+
+
+class AdaptiveOut(BaseModel):
+    minimum: int
+    maximum: int
+
+
+class ClusterOut(BaseModel):
+    id: str
+    tenant: str
+    project: str
+    status: str
+    scheduler_address: str | None
+    dashboard_url: str | None
+    workers: WorkerCounts
+    worker_cores: float
+    worker_memory: int
+    adaptive: AdaptiveOut | None
+    idle_timeout: float
+    no_client_timeout: float
+    image: str | None
+    tls: bool
+    created_at: float
+    started_at: float | None
+    stopped_at: float | None
+    stop_reason: str | None
+
+    @classmethod
+    def of(cls, r: ClusterRecord) -> ClusterOut:
+        return cls(
+            id=r.id, tenant=r.tenant, project=r.project, status=r.status.value,
+            scheduler_address=r.scheduler_address, dashboard_url=r.dashboard_url,
+            workers=WorkerCounts(requested=r.workers_requested, running=r.workers_running),
+            worker_cores=r.worker_cores, worker_memory=r.worker_memory,
+            adaptive=AdaptiveOut(minimum=r.adaptive_minimum or 0, maximum=r.adaptive_maximum)
+            if r.adaptive_maximum is not None else None,
+            idle_timeout=r.idle_timeout, no_client_timeout=r.no_client_timeout,
+            image=r.image, tls=bool(r.credentials),
+            created_at=r.created_at, started_at=r.started_at, stopped_at=r.stopped_at,
+            stop_reason=r.stop_reason,
+        )
+
+
+class ClusterList(BaseModel):
+    clusters: list[ClusterOut]
+
+
+class Credentials(BaseModel):
+    """What a client needs to reach a TLS cluster: its CA and a client certificate."""
+
+    scheduler_address: str | None
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+
+
+class TenantOut(BaseModel):
+    name: str
+    quota: dict[str, Any]
+    usage: dict[str, Any]
+    defaults: dict[str, Any]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class Health(BaseModel):
+    status: str
+    backend: str
+    clusters: int

@@ -1,0 +1,141 @@
+"""The ``provisioner`` command: run the service, make tokens, and talk to a running service."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from provisioner.settings import Settings
+from provisioner.tenants import (
+    TenantDirectory,
+    TenantsFileError,
+    load_tenants,
+    machine_tenant,
+    new_token,
+)
+
+app = typer.Typer(help="Per-tenant Dask clusters on demand.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _default_token(data_dir: Path) -> str:
+    """The embedded default tenant's token, kept in the data folder so it survives restarts."""
+    path = data_dir / "default-token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token, _ = new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def build(settings: Settings):  # type: ignore[no-untyped-def]
+    """Everything ``serve`` runs, assembled from settings (also used by tests)."""
+    from clusters.base import Backend
+    from provisioner.service import Provisioner
+    from provisioner.store import Store
+    from provisioner.tenants import hash_token
+
+    token = None
+    if settings.tenants is not None:
+        tenants = load_tenants(settings.tenants)
+    else:
+        token = _default_token(settings.data_dir)
+        tenants = [machine_tenant(hash_token(token))]
+    backend: Backend
+    if settings.backend == "mesos":
+        from clusters.mesos import MesosBackend  # type: ignore[import-not-found]
+
+        if not settings.mesos_master:
+            raise ValueError("--mesos-master is required with --backend mesos")
+        backend = MesosBackend(settings.mesos_master)
+    else:
+        from clusters.local import LocalBackend
+
+        backend = LocalBackend(settings.data_dir, host=settings.cluster_host)
+    store = Store(settings.state_url)
+    return Provisioner(settings, TenantDirectory(tenants), store, backend), token
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    tenants: Annotated[Optional[Path], typer.Option(help="tenants YAML file")] = None,  # noqa: UP045
+    state: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the state database")] = None,  # noqa: UP045
+    data_dir: Annotated[Path, typer.Option(help="folder for the SQLite file and cluster logs")] = Path("data"),
+    backend: Annotated[str, typer.Option(help="local or mesos")] = "local",
+    mesos_master: Annotated[Optional[str], typer.Option(help="HOST:PORT or zk://HOST:2181/mesos")] = None,  # noqa: UP045
+    keep_clusters: Annotated[bool, typer.Option(help="leave clusters running on shutdown")] = False,
+    tls: Annotated[bool, typer.Option(help="per-cluster TLS (--no-tls only for trusted single-user setups)")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the service (local backend and an SQLite file unless told otherwise)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from api.app import create_app
+    from provisioner.store import StoreError
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    overrides = {
+        "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
+        "backend": backend, "mesos_master": mesos_master, "keep_clusters": keep_clusters,
+        "tls": tls,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        provisioner, token = build(settings)
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except (TenantsFileError, StoreError, ValueError) as exc:
+        _fail(str(exc))
+    if not settings.tls:
+        typer.secho(
+            "WARNING: --no-tls: clusters accept plain TCP connections from anyone who can reach "
+            "them. Use this only on a trusted single-user machine.",
+            fg=typer.colors.YELLOW, err=True, bold=True,
+        )
+    if token:
+        typer.echo(f"tenant 'default' token: {token}", err=True)
+        typer.echo(f"  export PROVISIONER_URL=http://{settings.host}:{settings.port}", err=True)
+        typer.echo(f"  export PROVISIONER_TOKEN={token}", err=True)
+    uvicorn.run(create_app(provisioner), host=settings.host, port=settings.port,
+                log_level=log_level.lower(), timeout_graceful_shutdown=30)
+
+
+@app.command()
+def token() -> None:
+    """Print a new random token and its SHA-256 (the hash goes into the tenants file)."""
+    value, digest = new_token()
+    typer.echo(f"token:        {value}")
+    typer.echo(f"token_sha256: {digest}")
+
+
+def main() -> None:
+    try:
+        from provisioner import cli_client
+
+        cli_client.register(app)
+    except ImportError:
+        pass
+    app(prog_name="provisioner")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Drive every live cluster record toward its target, one runner task per cluster.
+
+A runner owns its cluster: it starts the scheduler, keeps the worker count at what the record
+asks for (or what Dask's adaptive target asks, within quota), reaps the cluster when idle,
+and stops it when asked. All changes are written through :class:`Records` first, so a service
+killed at any point finds, on restart, records it can resume from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+from clusters.base import Backend, ClusterSpec, LaunchError
+from provisioner.models import ClusterRecord, Status, StopReason
+from provisioner.reaping import reap_reason
+from provisioner.records import Records
+from provisioner.settings import Settings
+from provisioner.tenants import TenantDirectory
+from provisioner.watch import SchedulerLink, follow
+
+logger = logging.getLogger("provisioner.reconciler")
+
+#: A worker that keeps dying is not replaced forever: this many losses in this many seconds
+#: fail the cluster.
+WORKER_LOSS_LIMIT = (8, 60.0)
+
+
+def spec_for(record: ClusterRecord, tenants: TenantDirectory) -> ClusterSpec:
+    tenant = tenants.get(record.tenant)
+    return ClusterSpec(
+        cluster_id=record.id,
+        tenant=record.tenant,
+        role=tenant.role if tenant else record.tenant,
+        worker_cores=record.worker_cores,
+        worker_memory=record.worker_memory,
+        scheduler_cores=record.scheduler_cores,
+        scheduler_memory=record.scheduler_memory,
+        env={**(tenant.env if tenant else {}), **record.env},
+        image=record.image,
+        credentials=record.credentials,
+    )
+
+
+def worker_name(cluster_id: str) -> str:
+    return f"{cluster_id}-w{secrets.token_hex(3)}"
+
+
+class ClusterRunner:
+    """Owns one cluster's life; woken by record changes, reports and backend events."""
+
+    def __init__(self, reconciler: Reconciler, record: ClusterRecord) -> None:
+        self.rec = reconciler
+        self.id = record.id
+        self.kick = asyncio.Event()
+        self.report: dict[str, Any] | None = None
+        self.report_at = 0.0
+        self.link: SchedulerLink | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._down_since: float | None = None
+        self._losses: deque[float] = deque()
+        self._last_loss = ""
+        self.task = asyncio.create_task(self._run(), name=f"cluster-{self.id}")
+
+    @property
+    def record(self) -> ClusterRecord:
+        record = self.rec.records.cached(self.id)
+        assert record is not None, "runner outlived its live record"
+        return record
+
+    def spec(self) -> ClusterSpec:
+        return spec_for(self.record, self.rec.tenants)
+
+    async def _run(self) -> None:
+        try:
+            await self._drive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("cluster %s: runner crashed", self.id)
+            await self._fail(f"internal error: {exc!r}")
+        finally:
+            await self._unlink()
+            self.rec.runners.pop(self.id, None)
+
+    async def _drive(self) -> None:
+        record = self.record
+        if record.status in (Status.PENDING, Status.STARTING) and not record.stop_requested:
+            if not await self._start():
+                return
+        elif record.status == Status.RUNNING and record.scheduler_address:
+            self._link(record.scheduler_address)
+        while True:
+            record = self.record
+            if record.stop_requested or record.status == Status.STOPPING:
+                await self._stop(record.stop_reason or StopReason.USER)
+                return
+            if record.status.terminal:
+                return
+            await self._reconcile_workers(record)
+            reason = reap_reason(record, self.report, time.monotonic() - self.report_at)
+            if reason is not None:
+                logger.info("cluster %s: reaping (%s)", self.id, reason)
+                await self.rec.records.update(self.id, stop_requested=True, stop_reason=reason)
+                continue
+            self.kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.kick.wait(), self.rec.settings.reap_interval)
+
+    # -- start / stop -------------------------------------------------------------------
+
+    async def _start(self) -> bool:
+        records = self.rec.records
+        if self.record.status == Status.PENDING:
+            await records.update(self.id, status=Status.STARTING)
+        else:  # a start interrupted by a restart: begin again from nothing
+            await self.rec.backend.stop_cluster(self.id)
+        try:
+            endpoint = await asyncio.wait_for(
+                self.rec.backend.start_scheduler(self.spec()), self.rec.settings.start_timeout
+            )
+        except (LaunchError, TimeoutError) as exc:
+            reason = str(exc) or f"scheduler not up after {self.rec.settings.start_timeout:g}s"
+            await self._fail(reason)
+            return False
+        if self.record.stop_requested:
+            return True  # the loop stops it
+        await records.update(
+            self.id, status=Status.RUNNING, scheduler_address=endpoint.address,
+            dashboard_url=endpoint.dashboard_url, started_at=time.time(),
+        )
+        self.rec.metrics_started(self.record)
+        self._link(endpoint.address)
+        return True
+
+    async def _stop(self, reason: str) -> None:
+        records = self.rec.records
+        if self.record.status != Status.STOPPING:
+            await records.update(self.id, status=Status.STOPPING, stop_requested=True,
+                                 stop_reason=reason)
+        await self._unlink()
+        await self.rec.backend.stop_cluster(self.id)
+        await records.update(self.id, status=Status.STOPPED, workers_running=0)
+        logger.info("cluster %s: stopped (%s)", self.id, reason)
+
+    async def _fail(self, reason: str) -> None:
+        reason = reason if reason.startswith("failed") else f"failed: {reason}"
+        record = self.rec.records.cached(self.id)
+        if record is None or record.status.terminal:
+            return
+        logger.warning("cluster %s: %s", self.id, reason)
+        await self._unlink()
+        with contextlib.suppress(Exception):
+            await self.rec.backend.stop_cluster(self.id)
+        await self.rec.records.update(self.id, status=Status.FAILED, stop_reason=reason,
+                                      workers_running=0)
+
+    # -- observing -----------------------------------------------------------------------
+
+    def _link(self, address: str) -> None:
+        self.link = SchedulerLink(address, self.record.credentials or None)
+        self._follower = asyncio.create_task(
+            follow(self.link, self._on_report, self.rec.settings.report_timeout)
+        )
+
+    async def _unlink(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(BaseException):
+                await self._follower
+            self._follower = None
+        if self.link is not None:
+            with contextlib.suppress(Exception):
+                await self.link.close()
+            self.link = None
+
+    async def _on_report(self, report: dict[str, Any]) -> None:
+        self.report = report
+        self.report_at = time.monotonic()
+        running = len(report["workers"])
+        record = self.rec.records.cached(self.id)
+        if record is not None and record.workers_running != running and not record.status.terminal:
+            await self.rec.records.update(self.id, workers_running=running)
+        self.kick.set()
+
+    def worker_lost(self, name: str, reason: str) -> None:
+        now = time.monotonic()
+        self._losses.append(now)
+        self._last_loss = reason
+        while self._losses and now - self._losses[0] > WORKER_LOSS_LIMIT[1]:
+            self._losses.popleft()
+        self.kick.set()
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def _adaptive_target(self, record: ClusterRecord) -> ClusterRecord:
+        if not record.adaptive or self.report is None:
+            return record
+        lo, hi = record.adaptive_minimum or 0, record.adaptive_maximum or 0
+        target = max(lo, min(hi, int(self.report.get("adaptive_target", 0))))
+        now = time.monotonic()
+        tenant = self.rec.tenants.get(record.tenant)
+        if tenant is None:
+            return record
+        if target > record.workers_requested:
+            self._down_since = None
+            return await self.rec.records.resize(self.id, tenant.quota, target, best_effort=True)
+        if target < record.workers_requested:
+            self._down_since = self._down_since or now
+            if now - self._down_since >= self.rec.settings.adapt_down_delay:
+                self._down_since = None
+                return await self.rec.records.resize(self.id, tenant.quota, target)
+        else:
+            self._down_since = None
+        return record
+
+    async def _reconcile_workers(self, record: ClusterRecord) -> None:
+        if record.status != Status.RUNNING or not record.scheduler_address:
+            return
+        if len(self._losses) >= WORKER_LOSS_LIMIT[0]:
+            await self.rec.records.update(
+                self.id, stop_requested=True,
+                stop_reason=f"failed: workers keep exiting ({self._last_loss})",
+            )
+            return
+        record = await self._adaptive_target(record)
+        backend = self.rec.backend
+        live = backend.live_workers(self.id)
+        want = record.workers_requested
+        if len(live) < want:
+            names = [worker_name(self.id) for _ in range(want - len(live))]
+            try:
+                await backend.start_workers(self.spec(), record.scheduler_address, names)
+            except LaunchError as exc:
+                logger.warning("cluster %s: %s", self.id, exc)
+        elif len(live) > want:
+            await self._retire(live, len(live) - want)
+
+    async def _retire(self, live: set[str], count: int) -> None:
+        connected = set(self.report["workers"]) if self.report else set()
+        # Workers that never connected hold no data: drop those first.
+        chosen = sorted(live - connected)[:count]
+        graceful: list[str] = []
+        if len(chosen) < count and self.link is not None:
+            with contextlib.suppress(Exception):
+                suggested = await self.link.workers_to_close(count - len(chosen))
+                graceful = [n for n in suggested if n in live and n not in chosen]
+            graceful = graceful[: count - len(chosen)]
+            for name in sorted(live & connected):
+                if len(chosen) + len(graceful) >= count:
+                    break
+                if name not in graceful and name not in chosen:
+                    graceful.append(name)
+            try:
+                await self.link.retire(graceful)
+            except Exception as exc:
+                logger.warning("cluster %s: graceful retire failed: %r", self.id, exc)
+        await self.rec.backend.stop_workers(self.id, chosen + graceful)
+
+
+class Reconciler:
+    """Creates runners for live records and relays backend events to them."""
+
+    def __init__(self, records: Records, backend: Backend, tenants: TenantDirectory,
+                 settings: Settings) -> None:
+        self.records = records
+        self.backend = backend
+        self.tenants = tenants
+        self.settings = settings
+        self.runners: dict[str, ClusterRunner] = {}
+        self.on_started: list[Any] = []
+
+    def metrics_started(self, record: ClusterRecord) -> None:
+        for hook in self.on_started:
+            hook(record)
+
+    def ensure(self, record: ClusterRecord) -> None:
+        """Make sure a runner drives this record (called after every change that needs one)."""
+        runner = self.runners.get(record.id)
+        if runner is None and not record.status.terminal:
+            self.runners[record.id] = ClusterRunner(self, record)
+        elif runner is not None:
+            runner.kick.set()
+
+    async def recover(self) -> None:
+        """After a (re)start: re-adopt what still runs, fail what died, resume the rest."""
+        live = await self.records.load_live()
+        specs = [(spec_for(r, self.tenants), r.backend_state) for r in live]
+        outcome = await self.backend.recover(specs)
+        for record in live:
+            lost = outcome.get(record.id)
+            if record.status == Status.RUNNING and lost and not record.stop_requested:
+                logger.warning("cluster %s: %s", record.id, lost)
+                await self.backend.stop_cluster(record.id)
+                await self.records.update(record.id, status=Status.FAILED,
+                                          stop_reason=f"failed: {lost}", workers_running=0)
+                continue
+            self.ensure(self.records.cached(record.id) or record)
+
+    async def shutdown(self, stop_clusters: bool) -> None:
+        runners = list(self.runners.values())
+        for runner in runners:
+            runner.task.cancel()
+        await asyncio.gather(*(r.task for r in runners), return_exceptions=True)
+        if stop_clusters:
+            async def stop(record: ClusterRecord) -> None:
+                with contextlib.suppress(Exception):
+                    await self.backend.stop_cluster(record.id)
+                    if record.status == Status.PENDING:
+                        await self.records.update(record.id, status=Status.STOPPED,
+                                                  stop_reason=StopReason.SHUTDOWN)
+                        return
+                    if record.status != Status.STOPPING:
+                        await self.records.update(record.id, status=Status.STOPPING,
+                                                  stop_reason=StopReason.SHUTDOWN)
+                    await self.records.update(record.id, status=Status.STOPPED,
+                                              workers_running=0)
+
+            await asyncio.gather(*(stop(r) for r in self.records.live()))
+        await self.backend.close(stop_clusters=False)
+
+    # -- BackendEvents ---------------------------------------------------------------------
+
+    async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
+        record = self.records.cached(cluster_id)
+        if record is not None and record.backend_state != state:
+            await self.records.update(cluster_id, backend_state=state)
+
+    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
+        runner = self.runners.get(cluster_id)
+        record = self.records.cached(cluster_id)
+        if record is None or record.status.terminal or record.status == Status.STOPPING:
+            return
+        if runner is not None:
+            runner.task.cancel()
+            with contextlib.suppress(BaseException):
+                await runner.task
+        await self.backend.stop_cluster(cluster_id)
+        await self.records.update(cluster_id, status=Status.FAILED,
+                                  stop_reason=f"failed: {reason}", workers_running=0)
+
+    async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
+        runner = self.runners.get(cluster_id)
+        if runner is not None:
+            logger.info("cluster %s: %s lost (%s)", cluster_id, name, reason)
+            runner.worker_lost(name, reason)

@@ -1,0 +1,88 @@
+"""Cluster records as the running service sees them: the store plus a cache and change signals.
+
+Every write goes through here, so the cache of live records is always what the store holds,
+and anything waiting for a change (``?wait=``, a cluster's runner) wakes on the write itself
+instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from provisioner.models import ClusterRecord
+from provisioner.quota import Usage
+from provisioner.store import Store
+from provisioner.tenants import Quota
+
+
+class Records:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._live: dict[str, ClusterRecord] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    def _put(self, record: ClusterRecord) -> ClusterRecord:
+        if record.status.terminal:
+            self._live.pop(record.id, None)
+        else:
+            self._live[record.id] = record
+        for fut in self._waiters.pop(record.id, ()):
+            if not fut.done():
+                fut.set_result(None)
+        return record
+
+    async def load_live(self) -> list[ClusterRecord]:
+        for record in await self.store.list_live():
+            self._put(record)
+        return list(self._live.values())
+
+    def live(self) -> list[ClusterRecord]:
+        return list(self._live.values())
+
+    def cached(self, cluster_id: str) -> ClusterRecord | None:
+        return self._live.get(cluster_id)
+
+    async def get(self, cluster_id: str) -> ClusterRecord:
+        """The record (NotFound if none); live ones come from memory."""
+        return self._live.get(cluster_id) or await self.store.get(cluster_id)
+
+    async def admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
+        return self._put(await self.store.admit(record, quota))
+
+    async def resize(self, cluster_id: str, quota: Quota, workers: int, *,
+                     best_effort: bool = False, **changes: Any) -> ClusterRecord:
+        record = await self.store.resize(cluster_id, quota, workers, best_effort=best_effort,
+                                         **changes)
+        return self._put(record)
+
+    async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:
+        return self._put(await self.store.update(cluster_id, **changes))
+
+    async def usage(self, tenant: str) -> Usage:
+        return Usage.of(r for r in self._live.values() if r.tenant == tenant)
+
+    async def wait_for(
+        self, cluster_id: str, done: Callable[[ClusterRecord], bool], timeout: float
+    ) -> ClusterRecord:
+        """Return the record once ``done(record)`` holds, or as it is after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            record = await self.get(cluster_id)
+            remaining = deadline - loop.time()
+            if done(record) or record.status.terminal or remaining <= 0:
+                return record
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(cluster_id, set()).add(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(cluster_id)
+                if waiters is not None:
+                    waiters.discard(fut)
+                    if not waiters:
+                        self._waiters.pop(cluster_id, None)

@@ -1,0 +1,213 @@
+"""What tenants can do, in the core's terms: create, list, scale, adapt, stop, wait.
+
+The HTTP layer is a thin translation of this; so is any other front end. Every operation is
+scoped to the calling tenant: another tenant's cluster is simply not found.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from clusters.base import Backend
+from provisioner.models import ClusterRecord, Status, StopReason, new_cluster_id
+from provisioner.quota import QuotaExceeded, Usage, check_workers_per_cluster
+from provisioner.reconciler import Reconciler
+from provisioner.records import Records
+from provisioner.settings import Settings
+from provisioner.store import NotFound, Store
+from provisioner.tenants import Tenant, TenantDirectory
+
+logger = logging.getLogger("provisioner.service")
+
+__all__ = [
+    "ClusterRequest", "Conflict", "InvalidRequest", "NotFound", "Provisioner", "QuotaExceeded",
+]
+
+
+class InvalidRequest(ValueError):
+    """A request the tenant may not make; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Conflict(InvalidRequest):
+    """The cluster is in a state that does not allow this (e.g. scaling a stopped cluster)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRequest:
+    """A create request after parsing; None means "use the tenant's default"."""
+
+    project: str = "default"
+    workers: int | None = None
+    worker_cores: float | None = None
+    worker_memory: int | None = None
+    adaptive_minimum: int | None = None
+    adaptive_maximum: int | None = None
+    idle_timeout: float | None = None
+    no_client_timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+
+
+def _bounded(name: str, value: float | None, default: float, limit: float) -> float:
+    if value is None:
+        return min(default, limit)
+    if value <= 0:
+        raise InvalidRequest(name, "must be greater than 0")
+    if value > limit:
+        raise InvalidRequest(name, f"{value:g}s is more than this tenant allows ({limit:g}s)")
+    return value
+
+
+class Provisioner:
+    """The service core: tenants, records, reconciler and backend wired together."""
+
+    def __init__(self, settings: Settings, tenants: TenantDirectory, store: Store,
+                 backend: Backend) -> None:
+        self.settings = settings
+        self.tenants = tenants
+        self.store = store
+        self.records = Records(store)
+        self.backend = backend
+        self.reconciler = Reconciler(self.records, backend, tenants, settings)
+
+    async def start(self) -> None:
+        await self.store.open([t.name for t in self.tenants])
+        await self.backend.open(self.reconciler)
+        await self.reconciler.recover()
+
+    async def stop(self, keep_clusters: bool | None = None) -> None:
+        keep = self.settings.keep_clusters if keep_clusters is None else keep_clusters
+        await self.reconciler.shutdown(stop_clusters=not keep)
+        await self.store.close()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def get(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
+        try:
+            record = await self.records.get(cluster_id)
+        except NotFound:
+            raise NotFound(cluster_id) from None
+        if record.tenant != tenant.name:
+            raise NotFound(cluster_id)
+        return record
+
+    async def list(self, tenant: Tenant, status: Status | None = None,
+                   project: str | None = None) -> list[ClusterRecord]:
+        return await self.store.list(tenant.name, [status] if status else None, project)
+
+    async def wait(self, tenant: Tenant, cluster_id: str, timeout: float) -> ClusterRecord:
+        """Long-poll: return once the cluster is running (or terminal), or after ``timeout``."""
+        await self.get(tenant, cluster_id)
+        return await self.records.wait_for(
+            cluster_id, lambda r: r.status == Status.RUNNING, timeout
+        )
+
+    async def usage(self, tenant: Tenant) -> Usage:
+        return await self.records.usage(tenant.name)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def _check_workers(self, tenant: Tenant, name: str, value: int) -> None:
+        try:
+            check_workers_per_cluster(tenant.quota, value)
+        except QuotaExceeded:
+            raise
+        if value < 0:
+            raise InvalidRequest(name, "must not be negative")
+
+    async def create(self, tenant: Tenant, request: ClusterRequest) -> ClusterRecord:
+        d = tenant.defaults
+        adaptive = request.adaptive_maximum is not None
+        if adaptive:
+            lo = request.adaptive_minimum or 0
+            hi = request.adaptive_maximum or 0
+            if lo > hi:
+                raise InvalidRequest("adaptive.minimum", f"{lo} is more than maximum {hi}")
+            self._check_workers(tenant, "adaptive.minimum", lo)
+            workers = lo
+        else:
+            workers = 1 if request.workers is None else request.workers
+            self._check_workers(tenant, "workers", workers)
+        record = ClusterRecord(
+            id=new_cluster_id(),
+            tenant=tenant.name,
+            project=request.project,
+            status=Status.PENDING,
+            worker_cores=request.worker_cores or d.worker_cores,
+            worker_memory=request.worker_memory or d.worker_memory,
+            scheduler_cores=d.scheduler_cores,
+            scheduler_memory=d.scheduler_memory,
+            workers_requested=workers,
+            idle_timeout=_bounded("idle_timeout", request.idle_timeout, d.idle_timeout,
+                                  d.max_idle_timeout),
+            no_client_timeout=_bounded("no_client_timeout", request.no_client_timeout,
+                                       d.no_client_timeout, d.max_no_client_timeout),
+            adaptive_minimum=request.adaptive_minimum or 0 if adaptive else None,
+            adaptive_maximum=request.adaptive_maximum if adaptive else None,
+            env=dict(request.env),
+            image=request.image,
+        )
+        record = await self.records.admit(record, tenant.quota)
+        logger.info("cluster %s: created for tenant %s (%d workers)", record.id, tenant.name,
+                    workers)
+        self.reconciler.ensure(record)
+        return record
+
+    async def _live(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
+        record = await self.get(tenant, cluster_id)
+        if record.status.terminal or record.stop_requested:
+            raise Conflict("status", f"cluster {cluster_id} is {record.status}")
+        return record
+
+    async def scale(self, tenant: Tenant, cluster_id: str, workers: int) -> ClusterRecord:
+        await self._live(tenant, cluster_id)
+        self._check_workers(tenant, "workers", workers)
+        record = await self.records.resize(
+            cluster_id, tenant.quota, workers, adaptive_minimum=None, adaptive_maximum=None
+        )
+        self.reconciler.ensure(record)
+        return record
+
+    async def adapt(self, tenant: Tenant, cluster_id: str, minimum: int,
+                    maximum: int) -> ClusterRecord:
+        record = await self._live(tenant, cluster_id)
+        if minimum > maximum:
+            raise InvalidRequest("minimum", f"{minimum} is more than maximum {maximum}")
+        self._check_workers(tenant, "minimum", minimum)
+        if tenant.quota.workers_per_cluster is not None:
+            maximum = min(maximum, tenant.quota.workers_per_cluster)
+        start = min(max(record.workers_requested, minimum), maximum)
+        record = await self.records.resize(
+            cluster_id, tenant.quota, start, adaptive_minimum=minimum, adaptive_maximum=maximum
+        )
+        self.reconciler.ensure(record)
+        return record
+
+    async def delete(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
+        record = await self.get(tenant, cluster_id)
+        if record.status.terminal or record.stop_requested:
+            return record
+        if record.status == Status.PENDING and record.id not in self.reconciler.runners:
+            record = await self.records.update(cluster_id, status=Status.STOPPED,
+                                               stop_requested=True, stop_reason=StopReason.USER)
+            return record
+        record = await self.records.update(cluster_id, stop_requested=True,
+                                           stop_reason=StopReason.USER)
+        self.reconciler.ensure(record)
+        return record
+
+    def describe_tenant(self, tenant: Tenant, usage: Usage) -> dict[str, Any]:
+        return {
+            "name": tenant.name,
+            "quota": tenant.quota.model_dump(),
+            "usage": {"clusters": usage.clusters, "cores": usage.cores,
+                      "memory": usage.memory, "workers": usage.workers},
+            "defaults": tenant.defaults.model_dump(),
+        }

@@ -1,0 +1,39 @@
+"""Service settings: command-line options, with ``PROVISIONER_*`` environment variables as defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROVISIONER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    tenants: Path | None = None
+    data_dir: Path = Path("data")
+    state: str | None = None
+    backend: Literal["local", "mesos"] = "local"
+    mesos_master: str | None = None
+    keep_clusters: bool = False
+    tls: bool = True
+    #: Address schedulers and workers listen on (local backend).
+    cluster_host: str = "127.0.0.1"
+    #: Seconds a scheduler may take to come up before the cluster is failed.
+    start_timeout: float = Field(default=120, gt=0)
+    #: Seconds a scale-down must stay wanted before adaptive workers are retired.
+    adapt_down_delay: float = Field(default=3, ge=0)
+    #: Seconds between reaping checks of a running cluster.
+    reap_interval: float = Field(default=1, gt=0)
+    #: Seconds the scheduler plugin holds a long-poll open when nothing changes.
+    report_timeout: float = Field(default=15, gt=0)
+
+    @property
+    def state_url(self) -> str:
+        if self.state:
+            return self.state
+        return f"sqlite:///{(self.data_dir / 'provisioner.db').resolve()}"
