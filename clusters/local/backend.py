@@ -78,7 +78,7 @@ class LocalBackend(Backend):
         self.host = host
         self.launcher: Launcher = launcher or ProcessLauncher()
         self.worker_death_timeout = worker_death_timeout
-        self.owner = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        self.owner = owner_key(self.data_dir)
         self._clusters: dict[str, _Cluster] = {}
         self._events: BackendEvents | None = None
 
@@ -258,20 +258,29 @@ class LocalBackend(Backend):
         return result
 
     def _find_ours(self, known: set[int]) -> list[ProcessRef]:
-        """Processes carrying our owner marker that no record accounts for."""
-        marker = f"{OWNER_VAR}={self.owner}:".encode()
-        strays = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) in known:
-                continue
-            try:
-                with open(f"/proc/{entry.name}/environ", "rb") as f:
-                    environ = f.read()
-            except OSError:
-                continue
-            if any(item.startswith(marker) for item in environ.split(b"\0")):
-                ref = ref_for(int(entry.name))
-                with contextlib.suppress(OSError):
-                    if ref is not None and os.getpgid(ref.pid) == ref.pid:
-                        strays.append(ref)
-        return strays
+        return [r for r in owned_processes(self.owner) if r.pid not in known]
+
+
+def owner_key(data_dir: Path) -> str:
+    """The marker shared by every process a service on ``data_dir`` starts."""
+    return hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+
+
+def owned_processes(owner: str) -> list[ProcessRef]:
+    """Group leaders carrying ``owner``'s marker: every cluster process of that service."""
+    marker = f"{OWNER_VAR}={owner}:".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if any(item.startswith(marker) for item in environ.split(b"\0")):
+            ref = ref_for(int(entry.name))
+            with contextlib.suppress(OSError):
+                if ref is not None and os.getpgid(ref.pid) == ref.pid:
+                    found.append(ref)
+    return found

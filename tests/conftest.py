@@ -1,0 +1,46 @@
+"""Shared fixtures: one service for most tests; more only where a test needs its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.service import GiB, ServiceProcess, tenant
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The shared service: tenants alpha and beta (roomy) and tight (small quota)."""
+    tenants = [
+        tenant("alpha", cores=8, memory=16 * GiB, clusters=6),
+        tenant("beta", cores=4, memory=8 * GiB, clusters=3),
+        tenant("tight", cores=3, memory=4 * GiB, clusters=2, workers_per_cluster=4),
+    ]
+    svc = ServiceProcess(tmp_path_factory.mktemp("service"), tenants, args=["--no-tls"])
+    try:
+        yield svc.start()
+    finally:
+        svc.cleanup()
+
+
+@pytest.fixture
+def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """A factory for services of a test's own (restarts, kills); all cleaned up after."""
+    made: list[ServiceProcess] = []
+
+    def make(tenants: list[dict[str, Any]] | None = None, args: list[str] | None = None,
+             env: dict[str, str] | None = None, workdir: Path | None = None) -> ServiceProcess:
+        directory = workdir or tmp_path / f"svc{len(made)}"
+        directory.mkdir(exist_ok=True)
+        svc = ServiceProcess(directory, tenants, args=args, env=env)
+        made.append(svc)
+        return svc
+
+    try:
+        yield make
+    finally:
+        for svc in made:
+            svc.cleanup()

@@ -1,0 +1,135 @@
+"""Run the real service (``provisioner serve``) in a subprocess for tests.
+
+Each instance has its own data folder and tenants file; ``cleanup`` stops the service and
+kills every cluster process it owns, even after a SIGKILL of the service, so a failing test
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from clusters.local.backend import owned_processes, owner_key
+from clusters.local.procs import is_alive
+from provisioner.tenants import hash_token
+
+MiB = 2**20
+GiB = 2**30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tenant(name: str, cores: float = 6, memory: int = 8 * GiB, clusters: int = 4,
+           workers_per_cluster: int | None = None, **defaults: Any) -> dict[str, Any]:
+    """A tenants-file entry whose token is ``token-<name>``; small processes by default."""
+    base = {"worker_cores": 1, "worker_memory": 512 * MiB, "scheduler_cores": 0.5,
+            "scheduler_memory": 256 * MiB, "idle_timeout": 1800, "no_client_timeout": 1800}
+    base.update(defaults)
+    quota: dict[str, Any] = {"cores": cores, "memory": memory, "clusters": clusters}
+    if workers_per_cluster is not None:
+        quota["workers_per_cluster"] = workers_per_cluster
+    return {"name": name, "token_sha256": hash_token(f"token-{name}"), "quota": quota,
+            "defaults": base}
+
+
+class ServiceProcess:
+    def __init__(self, workdir: Path, tenants: list[dict[str, Any]] | None,
+                 args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.tenants_file: Path | None = None
+        if tenants is not None:
+            self.tenants_file = workdir / "tenants.yaml"
+            self.tenants_file.write_text(yaml.safe_dump({"tenants": tenants}))
+        self.args = args or []
+        self.env = env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "service.log"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "provisioner.cli", "serve", "--port", str(self.port),
+               "--data-dir", str(self.data_dir), "--log-level", "info"]
+        if self.tenants_file is not None:
+            cmd += ["--tenants", str(self.tenants_file)]
+        return cmd + self.args
+
+    def start(self, timeout: float = 60) -> ServiceProcess:
+        env = {**os.environ, **self.env}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited: {self.log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"service not up after {timeout}s: {self.log.read_text()[-3000:]}")
+
+    def client(self, name: str | None, token: str | None = None) -> httpx.Client:
+        headers = {}
+        if token is None and name is not None:
+            token = f"token-{name}"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL the service alone: its clusters keep running, as after a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def owned(self) -> list[Any]:
+        return owned_processes(owner_key(self.data_dir))
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for ref in self.owned():
+            with contextlib.suppress(OSError):
+                os.killpg(ref.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(is_alive(r) for r in self.owned()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def wait_until(check: Any, timeout: float = 60, interval: float = 0.2, what: str = "") -> Any:
+    """Poll ``check()`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
