@@ -13,12 +13,14 @@ from api.schemas import (
     ClusterCreate,
     ClusterList,
     ClusterOut,
+    Credentials,
     ErrorOut,
     ScaleRequest,
 )
 from provisioner.models import Status
-from provisioner.service import ClusterRequest, Provisioner
+from provisioner.service import ClusterRequest, Conflict, Provisioner
 from provisioner.tenants import Tenant
+from provisioner.tls import client_credentials
 
 router = APIRouter(
     prefix="/clusters",
@@ -98,3 +100,15 @@ async def delete_cluster(
     cluster_id: str, tenant: TenantDep, service: ServiceDep
 ) -> ClusterOut:
     return ClusterOut.of(await service.delete(tenant, cluster_id))
+
+
+@router.get("/{cluster_id}/credentials", response_model=Credentials,
+            responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+async def cluster_credentials(cluster_id: str, tenant: TenantDep, service: ServiceDep) -> Credentials:
+    """The cluster's CA and a client certificate: what ``Client(address, security=...)`` needs."""
+    record = await service.get(tenant, cluster_id)
+    creds = client_credentials(record.credentials)
+    if not creds:
+        raise Conflict("tls", f"cluster {cluster_id} does not use TLS")
+    return Credentials(scheduler_address=record.scheduler_address, tls_ca=creds["ca"],
+                       tls_cert=creds["cert"], tls_key=creds["key"])

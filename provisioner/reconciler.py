@@ -22,6 +22,7 @@ from provisioner.reaping import reap_reason
 from provisioner.records import Records
 from provisioner.settings import Settings
 from provisioner.tenants import TenantDirectory
+from provisioner.tls import client_credentials, process_credentials
 from provisioner.watch import SchedulerLink, follow
 
 logger = logging.getLogger("provisioner.reconciler")
@@ -43,7 +44,7 @@ def spec_for(record: ClusterRecord, tenants: TenantDirectory) -> ClusterSpec:
         scheduler_memory=record.scheduler_memory,
         env={**(tenant.env if tenant else {}), **record.env},
         image=record.image,
-        credentials=record.credentials,
+        credentials=process_credentials(record.credentials),
     )
 
 
@@ -163,7 +164,7 @@ class ClusterRunner:
     # -- observing -----------------------------------------------------------------------
 
     def _link(self, address: str) -> None:
-        self.link = SchedulerLink(address, self.record.credentials or None)
+        self.link = SchedulerLink(address, client_credentials(self.record.credentials) or None)
         self._follower = asyncio.create_task(
             follow(self.link, self._on_report, self.rec.settings.report_timeout)
         )

@@ -6,6 +6,7 @@ scoped to the calling tenant: another tenant's cluster is simply not found.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from provisioner.records import Records
 from provisioner.settings import Settings
 from provisioner.store import NotFound, Store
 from provisioner.tenants import Tenant, TenantDirectory
+from provisioner.tls import cluster_credentials
 
 logger = logging.getLogger("provisioner.service")
 
@@ -135,8 +137,11 @@ class Provisioner:
         else:
             workers = 1 if request.workers is None else request.workers
             self._check_workers(tenant, "workers", workers)
+        cluster_id = new_cluster_id()
+        credentials = (await asyncio.to_thread(cluster_credentials, cluster_id)
+                       if self.settings.tls else {})
         record = ClusterRecord(
-            id=new_cluster_id(),
+            id=cluster_id,
             tenant=tenant.name,
             project=request.project,
             status=Status.PENDING,
@@ -153,6 +158,7 @@ class Provisioner:
             adaptive_maximum=request.adaptive_maximum if adaptive else None,
             env=dict(request.env),
             image=request.image,
+            credentials=credentials,
         )
         record = await self.records.admit(record, tenant.quota)
         logger.info("cluster %s: created for tenant %s (%d workers)", record.id, tenant.name,

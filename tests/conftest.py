@@ -19,7 +19,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         tenant("beta", cores=4, memory=8 * GiB, clusters=3),
         tenant("tight", cores=3, memory=4 * GiB, clusters=2, workers_per_cluster=4),
     ]
-    svc = ServiceProcess(tmp_path_factory.mktemp("service"), tenants, args=["--no-tls"])
+    svc = ServiceProcess(tmp_path_factory.mktemp("service"), tenants)
     try:
         yield svc.start()
     finally:

@@ -8,6 +8,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ import httpx
 import yaml
 
 from clusters.local.backend import owned_processes, owner_key
-from clusters.local.procs import is_alive
+from clusters.local.procs import ProcessRef, is_alive
 from provisioner.tenants import hash_token
 
 MiB = 2**20
@@ -103,6 +104,33 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def processes_of(self, cluster_id: str) -> list[ProcessRef]:
+        """Live processes of ``cluster_id``, as the service recorded them in its database."""
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.data_dir / "provisioner.db")) as db:
+            row = db.execute("select backend_state from clusters where id = ?",
+                             (cluster_id,)).fetchone()
+        state = json.loads(row[0]) if row else {}
+        refs = []
+        if state.get("scheduler"):
+            refs.append(ProcessRef.from_dict(state["scheduler"]))
+        refs += [ProcessRef.from_dict(w) for w in (state.get("workers") or {}).values()]
+        return [r for r in refs if is_alive(r)]
+
+    def security(self, name: str, cluster_id: str) -> Any:
+        """The Security a tenant's notebook would use for this cluster (None without TLS)."""
+        from distributed.security import Security
+
+        with self.client(name) as http:
+            r = http.get(f"/clusters/{cluster_id}/credentials")
+        if r.status_code == 409:
+            return None
+        r.raise_for_status()
+        c = r.json()
+        return Security(tls_ca_file=c["tls_ca"], tls_client_cert=c["tls_cert"],
+                        tls_client_key=c["tls_key"], require_encryption=True)
 
     def owned(self) -> list[Any]:
         return owned_processes(owner_key(self.data_dir))

@@ -1,0 +1,83 @@
+"""The store on a real SQLite file: atomic admission under concurrent writers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from provisioner.models import ClusterRecord, Status, new_cluster_id
+from provisioner.quota import QuotaExceeded
+from provisioner.store import NotFound, Store
+from provisioner.tenants import Quota
+
+GiB = 2**30
+
+
+def fresh(tenant: str = "t", workers: int = 1) -> ClusterRecord:
+    return ClusterRecord(
+        id=new_cluster_id(), tenant=tenant, project="p", status=Status.PENDING, worker_cores=1.0,
+        worker_memory=GiB, scheduler_cores=1.0, scheduler_memory=GiB, workers_requested=workers,
+        idle_timeout=60, no_client_timeout=60,
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    await s.open(["t", "u"])
+    yield s
+    await s.close()
+
+
+async def test_concurrent_admission_never_exceeds_quota(store: Store) -> None:
+    quota = Quota(cores=10, memory=100 * GiB, clusters=50)
+
+    async def attempt() -> bool:
+        try:
+            await store.admit(fresh(workers=1), quota)  # 2 cores each
+            return True
+        except QuotaExceeded:
+            return False
+
+    results = await asyncio.gather(*(attempt() for _ in range(40)))
+    assert sum(results) == 5
+    usage = await store.usage("t")
+    assert usage.cores == 10 and usage.clusters == 5
+
+
+async def test_concurrent_resizes_stay_within_quota(store: Store) -> None:
+    quota = Quota(cores=12, memory=100 * GiB, clusters=5)
+    ids = [(await store.admit(fresh(workers=0), quota)).id for _ in range(3)]  # 3 cores
+
+    async def grow(cluster_id: str, n: int) -> None:
+        try:
+            await store.resize(cluster_id, quota, n)
+        except QuotaExceeded:
+            pass
+
+    await asyncio.gather(*(grow(cid, n) for cid in ids for n in (2, 5, 9, 4)))
+    usage = await store.usage("t")
+    assert usage.cores <= 12
+    best = await store.resize(ids[0], quota, 100, best_effort=True)
+    after = await store.usage("t")
+    assert after.cores == 12 and best.workers_requested >= 0
+
+
+async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    s = Store(url)
+    await s.open(["t"])
+    rec = await s.admit(fresh(), Quota(cores=4, memory=8 * GiB))
+    await s.update(rec.id, status=Status.STARTING, backend_state={"scheduler": {"pid": 1}})
+    with pytest.raises(ValueError):
+        await s.update(rec.id, status=Status.PENDING)
+    await s.close()
+    again = Store(url)
+    await again.open(["t"])
+    got = await again.get(rec.id)
+    assert got.status == Status.STARTING and got.backend_state == {"scheduler": {"pid": 1}}
+    with pytest.raises(NotFound):
+        await again.get("c-nope")
+    await again.close()

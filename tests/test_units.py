@@ -1,0 +1,131 @@
+"""Pure logic: sizes, tenants files, quota arithmetic, the state machine, reaping decisions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from provisioner.models import ClusterRecord, Status, StopReason
+from provisioner.quota import QuotaExceeded, Usage, check_fits, workers_that_fit
+from provisioner.reaping import reap_reason
+from provisioner.sizes import parse_bytes, parse_seconds
+from provisioner.tenants import Quota, TenantDirectory, TenantsFileError, hash_token, load_tenants, new_token
+
+GiB = 2**30
+
+
+def record(**kw: object) -> ClusterRecord:
+    base = dict(id="c-1", tenant="t", project="p", status=Status.RUNNING, worker_cores=1.0,
+                worker_memory=GiB, scheduler_cores=1.0, scheduler_memory=GiB,
+                workers_requested=2, idle_timeout=10.0, no_client_timeout=5.0)
+    base.update(kw)
+    return ClusterRecord(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2GiB", 2 * GiB), ("512MB", 512 * 10**6), ("1.5 gib", int(1.5 * GiB)), (1024, 1024), ("7", 7),
+])
+def test_parse_bytes(text: str | int, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1GiB", "lots", "2XB", math.nan, math.inf, -5, "1e30"])
+def test_parse_bytes_refuses(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_bytes(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("30m", 1800), ("1h", 3600), ("45s", 45), (2.5, 2.5)])
+def test_parse_seconds(text: str | float, expected: float) -> None:
+    assert parse_seconds(text) == expected
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tenants.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_tenants_file_round_trip(tmp_path: Path) -> None:
+    token, digest = new_token()
+    path = write(tmp_path, f"""
+tenants:
+  - name: acme
+    token_sha256: "{digest}"
+    quota: {{cores: 8, memory: 16GiB, clusters: 3, workers_per_cluster: 6}}
+    defaults: {{worker_cores: 1, worker_memory: 2GiB, idle_timeout: 30m, no_client_timeout: 10m}}
+""")
+    (acme,) = load_tenants(path)
+    assert acme.quota.memory == 16 * GiB and acme.defaults.idle_timeout == 1800
+    directory = TenantDirectory([acme])
+    assert directory.authenticate(token) is acme
+    assert directory.authenticate(token + "x") is None
+    assert hash_token(token) == digest
+
+
+@pytest.mark.parametrize(("body", "names"), [
+    ("tenants:\n  - name: acme\n    token_sha256: abc\n    quota: {cores: 1, memory: 1GiB}\n",
+     ["tenant 'acme'", "token_sha256"]),
+    (f"tenants:\n  - name: acme\n    token_sha256: '{'a' * 64}'\n    quota: {{cores: -1, memory: 1GiB}}\n",
+     ["tenant 'acme'", "quota.cores"]),
+    (f"tenants:\n  - name: acme\n    token_sha256: '{'a' * 64}'\n    quota: {{cores: 1, memory: lots}}\n",
+     ["tenant 'acme'", "quota.memory"]),
+    (f"tenants:\n  - name: Bad Name\n    token_sha256: '{'a' * 64}'\n    quota: {{cores: 1, memory: 1GiB}}\n",
+     ["tenant 'Bad Name'", "name"]),
+    (f"tenants:\n  - name: acme\n    token_sha256: '{'a' * 64}'\n    quota: {{cores: 1, memory: 1GiB}}\n"
+     "    defaults: {colour: blue}\n", ["tenant 'acme'", "defaults.colour"]),
+    ("tenants: [\n", ["not valid YAML"]),
+    ("people: []\n", ["'tenants'"]),
+])
+def test_bad_tenants_file_names_tenant_and_field(tmp_path: Path, body: str, names: list[str]) -> None:
+    with pytest.raises(TenantsFileError) as info:
+        load_tenants(write(tmp_path, body))
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_quota_message_names_limit_and_numbers() -> None:
+    quota = Quota(cores=8, memory=64 * GiB, clusters=3)
+    usage = Usage(clusters=1, cores=6, memory=GiB, workers=4)
+    with pytest.raises(QuotaExceeded, match=r"quota exceeded: cores 8 requested, 2 of 8 free"):
+        check_fits(quota, usage, cores=8, memory=0)
+    with pytest.raises(QuotaExceeded, match=r"clusters 1 requested, 0 of 1 free"):
+        check_fits(Quota(cores=8, memory=GiB, clusters=1), usage, cores=0, memory=0, clusters=1)
+    check_fits(quota, usage, cores=2, memory=GiB)
+
+
+def test_usage_counts_scheduler_and_workers_of_live_clusters_only() -> None:
+    live = record(workers_requested=3)
+    dead = record(id="c-2", status=Status.STOPPED)
+    usage = Usage.of([live, dead])
+    assert usage == Usage(clusters=1, cores=4.0, memory=4 * GiB, workers=3)
+
+
+def test_workers_that_fit_caps_growth_at_free_quota() -> None:
+    quota = Quota(cores=5, memory=64 * GiB, clusters=3)
+    rec = record(workers_requested=1)
+    usage = Usage.of([rec])  # 2 cores used
+    assert workers_that_fit(quota, usage, rec, 10) == 4
+    assert workers_that_fit(quota, usage, rec, 0) == 0
+
+
+def test_state_machine_refuses_illegal_moves() -> None:
+    rec = record(status=Status.STOPPED)
+    with pytest.raises(ValueError):
+        rec.evolve(status=Status.RUNNING)
+    stopped = record().evolve(status=Status.STOPPING).evolve(status=Status.STOPPED)
+    assert stopped.stopped_at is not None and stopped.cores == 0
+
+
+def test_reap_reason() -> None:
+    rec = record(idle_timeout=10, no_client_timeout=5)
+    busy = {"busy": True, "idle_for": None, "no_client_for": 100}
+    assert reap_reason(rec, busy, 50) is None
+    idle_with_client = {"busy": False, "idle_for": 8, "no_client_for": None}
+    assert reap_reason(rec, idle_with_client, 1) is None
+    assert reap_reason(rec, idle_with_client, 2) is StopReason.IDLE
+    no_client = {"busy": False, "idle_for": 1, "no_client_for": 4}
+    assert reap_reason(rec, no_client, 1) is StopReason.NO_CLIENT
+    assert reap_reason(rec, None, 100) is None
