@@ -74,6 +74,7 @@ class MesosMasterProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.url: str = ""
         self.output: list[str] = []
+        self._pump: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> MesosMasterProcess:
@@ -102,7 +103,8 @@ class MesosMasterProcess:
                     found.set()
             found.set()
 
-        threading.Thread(target=pump, daemon=True, name="mesos-master-output").start()
+        self._pump = threading.Thread(target=pump, daemon=True, name="mesos-master-output")
+        self._pump.start()
         found.wait(max(0.0, deadline - time.monotonic()))
         if not self.url:
             self.stop()
@@ -120,6 +122,10 @@ class MesosMasterProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
     def __enter__(self) -> MesosMasterProcess:
