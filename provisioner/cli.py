@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -115,6 +116,10 @@ def serve(
         typer.echo(f"tenant 'default' token: {token}", err=True)
         typer.echo(f"  export PROVISIONER_URL=http://{settings.host}:{settings.port}", err=True)
         typer.echo(f"  export PROVISIONER_TOKEN={token}", err=True)
+    # uvicorn re-raises the stop signal once it has shut down gracefully; with these handlers
+    # in place that ends the process with status 0 instead of "killed by SIGTERM".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(create_app(provisioner), host=settings.host, port=settings.port,
                 log_level=log_level.lower(), timeout_graceful_shutdown=30)
 

@@ -106,6 +106,8 @@ class ClusterRunner:
             await self._reconcile_workers(record)
             reason = reap_reason(record, self.report, time.monotonic() - self.report_at)
             if reason is not None:
+                reason = await self._confirm_reap(record)
+            if reason is not None:
                 logger.info("cluster %s: reaping (%s)", self.id, reason)
                 await self.rec.records.update(self.id, stop_requested=True, stop_reason=reason)
                 continue
@@ -188,6 +190,17 @@ class ClusterRunner:
         if record is not None and record.workers_running != running and not record.status.terminal:
             await self.rec.records.update(self.id, workers_running=running)
         self.kick.set()
+
+    async def _confirm_reap(self, record: ClusterRecord) -> StopReason | None:
+        """Ask the scheduler once more, right now: work may have arrived since the last report."""
+        if self.link is None:
+            return None
+        try:
+            fresh = await self.link.report(-1, 0)
+        except Exception:
+            return None
+        self.report, self.report_at = fresh, time.monotonic()
+        return reap_reason(record, fresh, 0)
 
     def worker_lost(self, name: str, reason: str) -> None:
         now = time.monotonic()

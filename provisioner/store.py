@@ -144,9 +144,11 @@ class Store:
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     @contextlib.contextmanager
-    def _tx(self, lock_tenant: str | None = None) -> Iterator[Connection]:
+    def _tx(self, lock_tenant: str | None = None, write: bool = False) -> Iterator[Connection]:
+        """A transaction; writers take SQLite's write lock up front (a deferred reader that
+        later writes can fail at once with "database is locked" instead of waiting)."""
         with self.engine.connect() as conn:
-            if lock_tenant and self._sqlite:
+            if (lock_tenant or write) and self._sqlite:
                 conn.info["immediate"] = True
             with conn.begin():
                 if lock_tenant and not self._sqlite:
@@ -162,7 +164,7 @@ class Store:
     def _open(self, tenant_names: list[str]) -> None:
         try:
             metadata.create_all(self.engine)
-            with self._tx() as conn:
+            with self._tx(write=True) as conn:
                 known = {r.name for r in conn.execute(sa.select(tenants_table.c.name))}
                 for name in set(tenant_names) - known:
                     conn.execute(tenants_table.insert().values(name=name))
@@ -292,7 +294,7 @@ class Store:
         return await self._call(self._resize, cluster_id, quota, workers, best_effort, changes)
 
     def _update(self, cluster_id: str, changes: dict[str, Any]) -> ClusterRecord:
-        with self._tx() as conn:
+        with self._tx(write=True) as conn:
             row = conn.execute(
                 sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
             ).first()
@@ -320,7 +322,7 @@ class Store:
         return await self._call(self._get_meta, key)
 
     def _set_meta(self, key: str, value: str) -> None:
-        with self._tx() as conn:
+        with self._tx(write=True) as conn:
             conn.execute(meta_table.delete().where(meta_table.c.key == key))
             conn.execute(meta_table.insert().values(key=key, value=value))
 

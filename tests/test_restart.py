@@ -1,0 +1,125 @@
+"""Restart safety: SIGKILL and restart, graceful stop, and --keep-clusters re-adoption."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Client
+
+from clusters.local.procs import is_alive
+from tests.service import ServiceProcess, tenant, wait_until
+
+MakeService = Callable[..., ServiceProcess]
+
+
+def _create(svc: ServiceProcess, **body: Any) -> dict[str, Any]:
+    with svc.client("acme") as http:
+        r = http.post("/clusters?wait=60", json=body)
+        assert r.status_code == 201 and r.json()["status"] == "running", r.text
+        return r.json()
+
+
+def _get(svc: ServiceProcess, cid: str) -> dict[str, Any]:
+    with svc.client("acme") as http:
+        return http.get(f"/clusters/{cid}").json()
+
+
+def _computes(svc: ServiceProcess, c: dict[str, Any], workers: int) -> None:
+    with Client(c["scheduler_address"], security=svc.security("acme", c["id"]), timeout=30) as client:
+        client.wait_for_workers(workers, timeout=60)
+        assert client.submit(lambda: 6 * 7).result(timeout=60) == 42
+
+
+def test_sigkill_and_restart_keeps_clusters_managed(make_service: MakeService) -> None:
+    svc = make_service([tenant("acme", cores=8)]).start()
+    kept = _create(svc, workers=1)
+    doomed = _create(svc, workers=1)
+    reaped = _create(svc, workers=0, no_client_timeout=6)
+    wait_until(lambda: len(svc.processes_of(doomed["id"])) == 2, what="doomed workers")
+    wait_until(lambda: len(svc.processes_of(kept["id"])) == 2, what="kept workers")
+    kept_pids = svc.processes_of(kept["id"])
+    doomed_pids = svc.processes_of(doomed["id"])
+    with svc.client("acme") as http:
+        usage_before = http.get("/tenants/me").json()["usage"]
+
+    svc.kill()
+    # While the service is down the scheduler of one cluster dies.
+    os.kill(doomed_pids[0].pid, signal.SIGKILL)
+    wait_until(lambda: not is_alive(doomed_pids[0]), what="doomed scheduler exit")
+    assert all(is_alive(p) for p in kept_pids), "cluster processes must outlive the service"
+
+    svc.start()
+    after = _get(svc, kept["id"])
+    assert after["status"] == "running" and after["scheduler_address"] == kept["scheduler_address"]
+    assert sorted(p.pid for p in svc.processes_of(kept["id"])) == sorted(p.pid for p in kept_pids)
+    _computes(svc, kept, 1)
+
+    failed = _get(svc, doomed["id"])
+    assert failed["status"] == "failed" and "scheduler" in failed["stop_reason"]
+    assert failed["stop_reason"].startswith("failed: ")
+    wait_until(lambda: not any(is_alive(p) for p in doomed_pids), what="doomed worker killed")
+    with svc.client("acme") as http:
+        usage = http.get("/tenants/me").json()["usage"]
+        assert usage["clusters"] == usage_before["clusters"] - 1
+        assert usage["cores"] == usage_before["cores"] - 1.5
+
+        # Still managed: scale, reap and delete all work on re-adopted clusters.
+        assert http.post(f"/clusters/{kept['id']}/scale", json={"workers": 2}).status_code == 200
+        _computes(svc, kept, 2)
+        final = wait_until(lambda: (c := _get(svc, reaped["id"]))["status"] == "stopped" and c,
+                           what="reap after restart")
+        assert final["stop_reason"] == "no-client"
+        pids = svc.processes_of(kept["id"])
+        assert http.delete(f"/clusters/{kept['id']}").status_code == 200
+        wait_until(lambda: _get(svc, kept["id"])["status"] == "stopped", what="stopped")
+        assert not any(is_alive(p) for p in pids)
+    assert svc.owned() == []
+
+
+def test_graceful_stop_stops_every_cluster(make_service: MakeService) -> None:
+    svc = make_service([tenant("acme")]).start()
+    c = _create(svc, workers=1)
+    wait_until(lambda: len(svc.processes_of(c["id"])) == 2, what="worker up")
+    pids = svc.processes_of(c["id"])
+    assert svc.signal(signal.SIGTERM) == 0
+    assert not any(is_alive(p) for p in pids)
+    assert svc.owned() == []
+    svc.start()
+    stopped = _get(svc, c["id"])
+    assert stopped["status"] == "stopped" and stopped["stop_reason"] == "service-shutdown"
+
+
+def test_keep_clusters_leaves_them_running_and_readopts(make_service: MakeService) -> None:
+    svc = make_service([tenant("acme")], args=["--keep-clusters"]).start()
+    c = _create(svc, workers=1)
+    wait_until(lambda: len(svc.processes_of(c["id"])) == 2, what="worker up")
+    pids = svc.processes_of(c["id"])
+    assert svc.signal(signal.SIGINT) == 0
+    assert all(is_alive(p) for p in pids)
+    svc.start()
+    assert _get(svc, c["id"])["status"] == "running"
+    _computes(svc, c, 1)
+    with svc.client("acme") as http:
+        assert http.delete(f"/clusters/{c['id']}").status_code == 200
+    wait_until(lambda: _get(svc, c["id"])["status"] == "stopped", what="stopped")
+    assert not any(is_alive(p) for p in pids)
+
+
+def test_strays_without_records_are_killed_on_start(make_service: MakeService) -> None:
+    """A process started just before a crash, with no record of it, is not left orphaned."""
+    svc = make_service([tenant("acme")]).start()
+    c = _create(svc, workers=0)
+    (sched,) = svc.processes_of(c["id"])
+    svc.kill()
+    # Forget the record's process state, as if the crash came between spawn and save.
+    import sqlite3
+
+    with sqlite3.connect(svc.data_dir / "provisioner.db") as db:
+        db.execute("update clusters set backend_state = ? where id = ?",
+                   ('{"scheduler": null, "workers": {}}', c["id"]))
+    svc.start()
+    wait_until(lambda: not is_alive(sched), what="stray killed")
+    assert _get(svc, c["id"])["status"] == "failed"
