@@ -540,3 +540,71 @@ async def test_cli_subprocess_without_processes() -> None:
             await asyncio.to_thread(proc.kill_task_process, "sim")
             assert (await sub.update("sim"))["state"] == "TASK_FAILED"
     assert proc.proc is not None and proc.proc.returncode == 0
+
+
+# --------------------------------------------------------------------------- fetcher, limits, master failover
+@pytest.mark.asyncio
+async def test_uris_are_fetched_and_max_completion_time(tmp_path: Path) -> None:
+    script = tmp_path / "hello.sh"
+    script.write_text("echo fetched\n")
+    async with make_master() as master, Subscriber(master.url, framework_info()) as sub:
+        await sub.next("SUBSCRIBED")
+        offer = await first_offer(sub)
+        agent_id = offer["agent_id"]["value"]
+        fetch = command_task("fetch", agent_id, "sh hello.sh > out.txt")
+        fetch["command"]["uris"] = [{"value": script.as_uri(), "extract": False}]
+        missing = command_task("missing", agent_id, "true")
+        missing["command"]["uris"] = [{"value": str(tmp_path / "nope.tar.gz")}]
+        slow = command_task("slow", agent_id, "sleep 30")
+        slow["max_completion_time"] = {"nanoseconds": 300_000_000}
+        await sub.call("ACCEPT", launch(offer, fetch, missing, slow))
+        finals: dict[str, dict[str, Any]] = {}
+        while len(finals) < 3:
+            status = await sub.wait_for(lambda e: e["type"] == "UPDATE")
+            await sub.acknowledge(status)
+            if status["state"] not in ("TASK_STARTING", "TASK_RUNNING"):
+                finals[status["task_id"]["value"]] = status
+        assert finals["fetch"]["state"] == "TASK_FINISHED"
+        assert finals["missing"]["state"] == "TASK_FAILED"
+        assert finals["missing"]["reason"] == "REASON_CONTAINER_LAUNCH_FAILED"
+        assert finals["missing"]["source"] == "SOURCE_AGENT"
+        assert finals["slow"]["state"] == "TASK_FAILED"
+        assert finals["slow"]["reason"] == "REASON_MAX_COMPLETION_TIME_REACHED"
+
+
+@pytest.mark.asyncio
+async def test_master_failover_keeps_tasks_for_resubscribing_framework() -> None:
+    info = framework_info(failover_timeout=60.0)
+    async with make_master() as master:
+        async with Subscriber(master.url, info) as sub:
+            await sub.next("SUBSCRIBED")
+            offer = await first_offer(sub)
+            running = await run_to_running(sub, offer, command_task("survivor", offer["agent_id"]["value"], "sleep 30"))
+            fw_id = sub.framework_id
+            old_master_id = master.master.id
+            master.fail_over()
+            await asyncio.wait_for(sub.closed.wait(), 5)
+            assert (await sub.call("REVIVE")).status_code == 400  # the new leader does not know it yet
+        async with Subscriber(master.url, info, framework_id=fw_id) as sub2:
+            event = await sub2.next("SUBSCRIBED")
+            assert event["subscribed"]["master_info"]["id"] != old_master_id
+            await sub2.call("RECONCILE", {"tasks": []})
+            assert (await sub2.update("survivor"))["state"] == "TASK_RUNNING"
+            assert alive(running["container_status"]["executor_pid"])
+
+
+@pytest.mark.asyncio
+async def test_update_framework_changes_roles() -> None:
+    info = framework_info(roles=["a"], capabilities=[{"type": "MULTI_ROLE"}])
+    async with make_master() as master, Subscriber(master.url, info) as sub:
+        await sub.next("SUBSCRIBED")
+        offer = await first_offer(sub)
+        assert offer["allocation_info"]["role"] == "a"
+        new_info = {**info, "id": {"value": sub.framework_id}, "roles": ["b"]}
+        resp = await sub.call("UPDATE_FRAMEWORK", {"framework_info": new_info})
+        assert resp.status_code == 200
+        rescind = await sub.next("RESCIND")  # offers for a role the framework left
+        assert rescind["rescind"]["offer_id"] == offer["id"]
+        assert (await first_offer(sub))["allocation_info"]["role"] == "b"
+        bad = {**new_info, "user": "someone-else"}
+        assert (await sub.call("UPDATE_FRAMEWORK", {"framework_info": bad})).status_code == 400

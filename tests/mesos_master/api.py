@@ -276,6 +276,8 @@ class MasterAPI:
                 master.kill_task_process(args["task_id"], args.get("framework_id"), sig)
             elif name == "set_quota":
                 master.set_quota(args["role"], args.get("limits"))
+            elif name == "fail_over":
+                master.fail_over()
             elif name == "rescind_offer":
                 master.rescind_offer(args["offer_id"])
             elif name == "set_leader":

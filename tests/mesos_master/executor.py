@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from .fetcher import FetchError, fetch_all
+
 DEFAULT_GRACE = 3.0
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -117,6 +119,7 @@ class CommandExecutor:
         self._killing = False
         self._kill_requested = asyncio.Event()
         self._destroyed = False
+        self._expired = False
         self._escalation: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -193,10 +196,24 @@ class CommandExecutor:
         if self._killing:
             self._report("TASK_KILLED", "Task killed before it was launched", "REASON_TASK_KILLED_DURING_LAUNCH")
             return
-        self._report("TASK_STARTING")
         if not self.ctx.run_processes:
+            self._report("TASK_STARTING")
             await self._run_without_process()
             return
+        uris = (self.ctx.task_info.get("command") or {}).get("uris") or []
+        if uris:
+            try:
+                await asyncio.to_thread(fetch_all, uris, self.ctx.sandbox)
+            except FetchError as exc:
+                self._report(
+                    "TASK_FAILED",
+                    f"Failed to launch container: Failed to fetch all URIs for container '{self.container_id}': {exc}",
+                    "REASON_CONTAINER_LAUNCH_FAILED",
+                )
+                return
+        if self._destroyed:
+            return
+        self._report("TASK_STARTING")
         env = build_environment(self.ctx)
         argv = build_argv(self.ctx.task_info)
         out, err = _open_logs(self.ctx.sandbox)
@@ -226,6 +243,7 @@ class CommandExecutor:
             self.kill(self._grace)
         else:
             self._report("TASK_RUNNING", container_status=self._container_status())
+        deadline = self._max_completion_timer()
         try:
             returncode = await proc.wait()
         except asyncio.CancelledError:
@@ -233,21 +251,51 @@ class CommandExecutor:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), 2)
             raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
         # Like a container being destroyed: nothing of the task outlives its main process.
         _signal_group(proc.pid, signal.SIGKILL)
         message = describe_exit(returncode)
-        if self._killing:
+        if self._expired:
+            self._report(
+                "TASK_FAILED", "Task has exceeded its max completion time", "REASON_MAX_COMPLETION_TIME_REACHED"
+            )
+        elif self._killing:
             self._report("TASK_KILLED", message)
         elif returncode == 0:
             self._report("TASK_FINISHED", message)
         else:
             self._report("TASK_FAILED", message)
 
+    def _max_completion_timer(self) -> asyncio.TimerHandle | None:
+        nanos = (self.ctx.task_info.get("max_completion_time") or {}).get("nanoseconds")
+        if nanos is None:
+            return None
+
+        def expire() -> None:
+            if not self._killing and not self._destroyed:
+                self._expired = True
+                self._killing = True
+                self._kill_requested.set()
+                if self.pid:
+                    _signal_group(self.pid, signal.SIGTERM)
+                    asyncio.get_running_loop().call_later(self._grace, _signal_group, self.pid, signal.SIGKILL)
+
+        return asyncio.get_running_loop().call_later(max(0.0, int(nanos) / 1e9), expire)
+
     async def _run_without_process(self) -> None:
         self._started = True
         self._report("TASK_RUNNING", container_status=self._container_status())
+        deadline = self._max_completion_timer()
         await self._kill_requested.wait()
-        if self._killing:
+        if deadline is not None:
+            deadline.cancel()
+        if self._expired:
+            self._report(
+                "TASK_FAILED", "Task has exceeded its max completion time", "REASON_MAX_COMPLETION_TIME_REACHED"
+            )
+        elif self._killing:
             self._report("TASK_KILLED", "Command terminated with signal Terminated")
         else:
             self._report("TASK_FAILED", "Command terminated with signal Killed")

@@ -100,6 +100,8 @@ class Master:
         self.start_time = time.time()
         self.frameworks: dict[str, Framework] = {}
         self.removed_frameworks: set[str] = set()
+        # Frameworks with tasks that a (simulated) new leader has not heard from yet.
+        self.orphans: dict[str, Framework] = {}
         self.agents: dict[str, Agent] = {}
         self.removed_agents: set[str] = set()
         self.offers: dict[str, Offer] = {}
@@ -133,7 +135,7 @@ class Master:
                 await self._alloc_task
         if self._alloc_handle is not None:
             self._alloc_handle.cancel()
-        for fw in list(self.frameworks.values()):
+        for fw in self.all_frameworks():
             if fw.failover_timer is not None:
                 fw.failover_timer.cancel()
             for task in fw.tasks.values():
@@ -162,6 +164,25 @@ class Master:
             "capabilities": [{"type": "AGENT_UPDATE"}, {"type": "AGENT_DRAINING"}, {"type": "QUOTA_V2"}],
         }
 
+    def all_frameworks(self) -> list[Framework]:
+        return [*self.frameworks.values(), *self.orphans.values()]
+
+    def fail_over(self) -> None:
+        """Simulate a leader change: new master ID, every stream ends, offers vanish; tasks
+        keep running and their frameworks are re-adopted when they SUBSCRIBE again."""
+        self.id = str(uuid.uuid4())
+        self._framework_counter = 0
+        for fw in list(self.frameworks.values()):
+            if fw.failover_timer is not None:
+                fw.failover_timer.cancel()
+                fw.failover_timer = None
+            self._discard_offers(fw, rescind=False)
+            sub, fw.subscription = fw.subscription, None
+            if sub is not None:
+                sub.close()
+            self.orphans[fw.id] = fw
+        self.frameworks.clear()
+
     def role(self, name: str) -> Role:
         if name not in self.roles:
             self.roles[name] = Role(name)
@@ -186,7 +207,7 @@ class Master:
         for offer in [o for o in self.offers.values() if o.agent_id == agent_id]:
             self._remove_offer(offer, rescind=True)
         text = message or f"Agent {agent.hostname} removed"
-        for fw in self.frameworks.values():
+        for fw in self.all_frameworks():
             for task in [t for t in fw.tasks.values() if t.agent_id == agent_id]:
                 if task.executor is not None:
                     task.executor.destroy()
@@ -198,7 +219,8 @@ class Master:
                 task.state = status["state"]
                 self._remember_completed(task)
                 fw.send(update_event(status))
-            fw.send({"type": "FAILURE", "failure": {"agent_id": {"value": agent_id}}})
+            if fw.connected:
+                fw.send({"type": "FAILURE", "failure": {"agent_id": {"value": agent_id}}})
         self.trigger_allocation()
 
     # ================================================================ subscription
@@ -219,6 +241,8 @@ class Master:
             sub.close()
             return sub
 
+        if fw_id in self.orphans:
+            self.frameworks[fw_id] = self.orphans.pop(fw_id)
         fw = self.frameworks.get(fw_id) if fw_id else None
         if fw is not None:
             old, fw.subscription = fw.subscription, None
@@ -380,7 +404,7 @@ class Master:
         """(role -> allocated + offered, framework -> allocated + offered)."""
         by_role: dict[str, Resources] = {}
         by_fw: dict[str, Resources] = {}
-        for fw in self.frameworks.values():
+        for fw in self.all_frameworks():
             for task in fw.tasks.values():
                 if not task.released:
                     by_role[task.role] = by_role.get(task.role, Resources()) + task.resources
@@ -655,7 +679,7 @@ class Master:
         self, task: Task, state: str, message: str | None, reason: str | None, extra: dict[str, Any]
     ) -> None:
         """A state change inside the (simulated) agent: record it and queue an update."""
-        fw = self.frameworks.get(task.framework_id)
+        fw = self.frameworks.get(task.framework_id) or self.orphans.get(task.framework_id)
         if fw is None or fw.tasks.get(task.task_id) is not task:
             return  # framework removed / task gone: nobody to tell
         from_agent = reason in ("REASON_CONTAINER_LAUNCH_FAILED", "REASON_TASK_KILLED_DURING_LAUNCH")
@@ -681,7 +705,7 @@ class Master:
 
     def _forward(self, task: Task, status: dict[str, Any]) -> None:
         """The agent (re)sends the oldest unacknowledged update through the master."""
-        fw = self.frameworks.get(task.framework_id)
+        fw = self.frameworks.get(task.framework_id) or self.orphans.get(task.framework_id)
         if fw is None or fw.tasks.get(task.task_id) is not task:
             return
         task.status_update_state = status["state"]
@@ -805,7 +829,7 @@ class Master:
 
     # ================================================================ fault hooks
     def find_task(self, task_id: str, framework_id: str | None = None) -> Task:
-        for fw in self.frameworks.values():
+        for fw in self.all_frameworks():
             if framework_id is not None and fw.id != framework_id:
                 continue
             if task_id in fw.tasks:
@@ -861,6 +885,7 @@ class Master:
                 }
                 for fw in self.frameworks.values()
             ],
+            "orphaned_frameworks": sorted(self.orphans),
             "removed_frameworks": sorted(self.removed_frameworks),
             "completed_tasks": self.completed_tasks[-100:],
             "roles": self.roles_json(by_role),

@@ -167,6 +167,9 @@ class MesosMasterProcess:
     def set_quota(self, role: str, **limits: float) -> None:
         self._hook("set_quota", role=role, limits=limits or None)
 
+    def fail_over(self) -> None:
+        self._hook("fail_over")
+
     def rescind_offer(self, offer_id: str) -> None:
         self._hook("rescind_offer", offer_id=offer_id)
 

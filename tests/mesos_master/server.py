@@ -143,6 +143,10 @@ class MesosMaster:
         """`set_quota("tenant-a", cpus=2, mem=4096)`; no limits removes the quota."""
         self.master.set_quota(role, limits or None)
 
+    def fail_over(self) -> None:
+        """Leader change: streams end, offers vanish, tasks keep running; re-SUBSCRIBE re-adopts."""
+        self.master.fail_over()
+
     def rescind_offer(self, offer_id: str) -> None:
         self.master.rescind_offer(offer_id)
 
