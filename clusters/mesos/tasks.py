@@ -1,0 +1,113 @@
+"""TaskInfo for Dask schedulers and workers as executor-less Mesos command tasks.
+
+The runner's options (with TLS keys for secure clusters) travel in an environment variable
+rather than on the command line, so they do not show up in process listings on the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MiB = 2**20
+OPTIONS_VAR = "DASK_PROVISIONER_OPTIONS"
+#: Like Dask's nanny: one BLAS thread per task thread, and memory given back to the OS.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+}
+
+Kind = Literal["scheduler", "worker"]
+
+
+@dataclass
+class TaskRequest:
+    """A task waiting for an offer: what it needs and how to describe it once placed."""
+
+    task_id: str
+    cluster_id: str
+    tenant: str
+    kind: Kind
+    role: str
+    cpus: float
+    mem: float  # MB, as Mesos counts memory
+    options: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    image: str | None = None
+    ports: int = 1
+
+    def fits(self, cpus: float, mem: float, ports: int) -> bool:
+        return self.cpus <= cpus + 1e-9 and self.mem <= mem + 1e-9 and self.ports <= ports
+
+
+def mesos_mem(nbytes: int) -> float:
+    """Bytes -> whole MB (Mesos's unit), never below what the process is promised."""
+    return float(max(32, math.ceil(nbytes / MiB)))
+
+
+def mesos_cpus(cores: float) -> float:
+    """Mesos keeps three decimals; round up so the task never gets less than asked."""
+    return math.ceil(cores * 1000 - 1e-6) / 1000
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """The backend's knobs that shape every TaskInfo."""
+
+    command: str = "python -m clusters.runner"
+    kill_grace: float = 10.0
+    death_timeout: float = 60.0
+
+
+def task_info(request: TaskRequest, agent_id: str, hostname: str,
+              resources: list[dict[str, Any]], ports: list[int],
+              settings: TaskSettings) -> dict[str, Any]:
+    """The TaskInfo JSON to LAUNCH ``request`` on this agent with these offer resources."""
+    options = dict(request.options, host=hostname)
+    if ports:
+        options["port"] = ports[0]
+    env = {}
+    if request.kind == "worker":
+        env.update(WORKER_ENV)
+    env.update(request.env)
+    env[OPTIONS_VAR] = json.dumps(options, separators=(",", ":"))
+    info: dict[str, Any] = {
+        "name": f"dask-{request.kind}-{request.cluster_id}",
+        "task_id": {"value": request.task_id},
+        "agent_id": {"value": agent_id},
+        "resources": resources,
+        "command": {
+            "shell": True,
+            "value": f'exec {settings.command} {request.kind} "${OPTIONS_VAR}"',
+            "environment": {"variables": [{"name": k, "value": v} for k, v in env.items()]},
+        },
+        "kill_policy": {"grace_period": {"nanoseconds": int(settings.kill_grace * 1e9)}},
+        "labels": {"labels": [
+            {"key": "dask-provisioner.cluster", "value": request.cluster_id},
+            {"key": "dask-provisioner.tenant", "value": request.tenant},
+            {"key": "dask-provisioner.kind", "value": request.kind},
+        ]},
+    }
+    if request.image:
+        info["container"] = {
+            "type": "MESOS",
+            "mesos": {"image": {"type": "DOCKER", "docker": {"name": request.image}}},
+        }
+    return info
+
+
+def scheduler_options(credentials: dict[str, str] | None) -> dict[str, Any]:
+    return {"credentials": credentials or None}
+
+
+def worker_options(address: str, name: str, cores: float, memory: int,
+                   credentials: dict[str, str] | None, death_timeout: float) -> dict[str, Any]:
+    return {
+        "address": address, "name": name, "nthreads": max(1, round(cores)),
+        "memory_limit": memory, "death_timeout": death_timeout,
+        "credentials": credentials or None,
+    }
