@@ -65,6 +65,7 @@ async def _worker(options: dict[str, Any]) -> Worker:
         nthreads=int(options.get("nthreads", 1)),
         memory_limit=int(options.get("memory_limit", 0)) or "auto",
         host=options.get("host", "127.0.0.1"),
+        port=options.get("port"),
         security=security_from(options.get("credentials")),
         death_timeout=options.get("death_timeout", 60),
         validate=False,

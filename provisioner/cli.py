@@ -57,11 +57,15 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
         tenants = [machine_tenant(hash_token(token))]
     backend: Backend
     if settings.backend == "mesos":
-        from clusters.mesos import MesosBackend  # type: ignore[import-not-found]
+        from clusters.mesos import MesosBackend
 
         if not settings.mesos_master:
             raise ValueError("--mesos-master is required with --backend mesos")
-        backend = MesosBackend(settings.mesos_master)
+        backend = MesosBackend(
+            settings.mesos_master, data_dir=settings.data_dir, command=settings.mesos_command,
+            failover_timeout=settings.mesos_failover_timeout,
+            kill_grace=settings.mesos_kill_grace, teardown_on_close=settings.mesos_teardown,
+        )
     else:
         from clusters.local import LocalBackend
 
@@ -79,6 +83,7 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="folder for the SQLite file and cluster logs")] = Path("data"),
     backend: Annotated[str, typer.Option(help="local or mesos")] = "local",
     mesos_master: Annotated[Optional[str], typer.Option(help="HOST:PORT or zk://HOST:2181/mesos")] = None,  # noqa: UP045
+    mesos_command: Annotated[Optional[str], typer.Option(help="command starting Dask on a Mesos agent")] = None,  # noqa: UP045
     keep_clusters: Annotated[bool, typer.Option(help="leave clusters running on shutdown")] = False,
     tls: Annotated[bool, typer.Option(help="per-cluster TLS (--no-tls only for trusted single-user setups)")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
@@ -96,7 +101,8 @@ def serve(
     )
     overrides = {
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
-        "backend": backend, "mesos_master": mesos_master, "keep_clusters": keep_clusters,
+        "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
+        "keep_clusters": keep_clusters,
         "tls": tls,
     }
     try:

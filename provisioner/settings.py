@@ -19,6 +19,14 @@ class Settings(BaseSettings):
     state: str | None = None
     backend: Literal["local", "mesos"] = "local"
     mesos_master: str | None = None
+    #: Command that starts a Dask scheduler or worker on a Mesos agent (runner arguments follow).
+    mesos_command: str = "python -m clusters.runner"
+    #: Seconds Mesos keeps the framework's tasks while the service is away (a week).
+    mesos_failover_timeout: float = Field(default=7 * 24 * 3600, ge=0)
+    #: Seconds a killed Mesos task gets between SIGTERM and SIGKILL.
+    mesos_kill_grace: float = Field(default=10, ge=0)
+    #: Send TEARDOWN (kills every task of the framework) when the service stops.
+    mesos_teardown: bool = False
     keep_clusters: bool = False
     tls: bool = True
     #: Address schedulers and workers listen on (local backend).
