@@ -608,3 +608,17 @@ async def test_update_framework_changes_roles() -> None:
         assert (await first_offer(sub))["allocation_info"]["role"] == "b"
         bad = {**new_info, "user": "someone-else"}
         assert (await sub.call("UPDATE_FRAMEWORK", {"framework_info": bad})).status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_http_basic_authentication() -> None:
+    async with make_master(credentials={"svc": "s3cret"}) as master, httpx.AsyncClient() as http:
+        subscribe = {"type": "SUBSCRIBE", "subscribe": {"framework_info": framework_info(principal="svc")}}
+        resp = await http.post(f"{master.url}/api/v1/scheduler", json=subscribe)
+        assert resp.status_code == 401 and resp.headers["www-authenticate"].startswith("Basic")
+        resp = await http.post(f"{master.url}/api/v1/scheduler", json=subscribe, auth=("svc", "wrong"))
+        assert resp.status_code == 401
+        async with http.stream(
+            "POST", f"{master.url}/api/v1/scheduler", json=subscribe, auth=("svc", "s3cret")
+        ) as stream:
+            assert stream.status_code == 200

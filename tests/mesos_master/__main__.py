@@ -53,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=float, default=15.0, help="heartbeat interval, seconds")
     p.add_argument("--allocation-interval", type=float, default=1.0)
     p.add_argument("--retry-interval", type=float, default=10.0, help="first status update retry, seconds")
+    p.add_argument("--retry-max", type=float, default=600.0, help="cap of the status update retry backoff")
     p.add_argument("--chunk-size", type=int, default=None, help="split stream records into chunks this big")
     p.add_argument("--quota", type=parse_quota, action="append", default=[], help="ROLE:cpus=N,mem=MB")
     p.add_argument("--weight", type=parse_weight, action="append", default=[], help="ROLE=W")
     p.add_argument("--roles", default=None, help="comma-separated role whitelist (like --roles)")
+    p.add_argument(
+        "--credential", action="append", default=[], help="PRINCIPAL:SECRET; enables HTTP Basic authentication"
+    )
     p.add_argument("--redirect-to", default=None, help="act as non-leader, redirecting to HOST:PORT")
     p.add_argument("--work-dir", default=None, help="where sandboxes go (default: a temp dir)")
     p.add_argument("--seed", type=int, default=None)
@@ -76,6 +80,8 @@ async def serve(args: argparse.Namespace) -> None:
         heartbeat_interval=args.heartbeat,
         allocation_interval=args.allocation_interval,
         update_retry_interval=args.retry_interval,
+        update_retry_max=args.retry_max,
+        credentials=dict(c.split(":", 1) for c in args.credential) or None,
         run_processes=not args.no_processes,
         chunk_size=args.chunk_size,
         quotas=dict(args.quota),

@@ -7,6 +7,7 @@ The order of the checks in `scheduler()` is the order of Mesos's own handler
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 from typing import Any
@@ -55,12 +56,28 @@ def accepts(request: Request, wanted: tuple[str, ...] = (JSON, PROTOBUF)) -> boo
 class MasterAPI:
     """Routes requests to the master; one instance per server."""
 
-    def __init__(self, master: Master) -> None:
+    def __init__(self, master: Master, credentials: dict[str, str] | None = None) -> None:
         self.master = master
+        self.credentials = credentials
+
+    def authenticated(self, request: Request) -> bool:
+        """HTTP Basic framework authentication, when the master was given credentials."""
+        if not self.credentials:
+            return True
+        scheme, _, token = (request.header("authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            principal, _, secret = base64.b64decode(token.strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return self.credentials.get(principal) == secret
 
     async def __call__(self, request: Request) -> Response | StreamResponse:
         path = request.path.rstrip("/") or "/"
         if path in ("/api/v1/scheduler", "/master/api/v1/scheduler"):
+            if not self.authenticated(request):
+                return Response.text(401, "Unauthorized", WWW_Authenticate='Basic realm="mesos"')
             return self.scheduler(request)
         if path in ("/version", "/master/version"):
             return self.version()

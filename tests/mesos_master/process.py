@@ -43,6 +43,7 @@ class MesosMasterProcess:
         heartbeat: float = 15.0,
         allocation_interval: float = 1.0,
         retry_interval: float = 10.0,
+        retry_max: float = 600.0,
         run_processes: bool = True,
         chunk_size: int | None = None,
         quotas: dict[str, dict[str, float]] | None = None,
@@ -61,6 +62,7 @@ class MesosMasterProcess:
             "--heartbeat", str(heartbeat),
             "--allocation-interval", str(allocation_interval),
             "--retry-interval", str(retry_interval),
+            "--retry-max", str(retry_max),
         ]  # fmt: skip
         if not run_processes:
             args.append("--no-processes")

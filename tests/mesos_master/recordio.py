@@ -12,7 +12,7 @@ from typing import Any
 
 def encode(event: dict[str, Any]) -> bytes:
     """One record for an event, JSON-encoded as Mesos does (compact, UTF-8)."""
-    payload = json.dumps(event, separators=(",", ":")).encode()
+    payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
     return str(len(payload)).encode() + b"\n" + payload
 
 

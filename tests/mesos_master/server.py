@@ -39,6 +39,7 @@ class MesosMaster:
         weights: dict[str, float] | None = None,
         allowed_roles: set[str] | None = None,
         redirect_to: str | None = None,
+        credentials: dict[str, str] | None = None,
         work_dir: str | None = None,
         seed: int | None = None,
     ) -> None:
@@ -60,7 +61,7 @@ class MesosMaster:
         if redirect_to is not None:
             self.master.leading = False
             self.master.redirect_to = redirect_to
-        self._server = HTTPServer(MasterAPI(self.master), host, port)
+        self._server = HTTPServer(MasterAPI(self.master, credentials), host, port)
         self.host = host
         self._started = False
 
