@@ -1,0 +1,227 @@
+"""The Python SDK against the real service: sync and async, scaling, closing, errors, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import dask.config
+import httpx
+import pytest
+from distributed import Client
+from distributed.deploy.cluster import Cluster
+from distributed.security import Security
+
+from provisioner.client import (
+    AuthenticationError,
+    ClusterNotFound,
+    ProvisionedCluster,
+    Provisioner,
+    ProvisionerError,
+    QuotaExceeded,
+)
+from tests.service import ServiceProcess, tenant, wait_until
+
+LIVE = {"pending", "starting", "running"}
+
+
+def live_ids(service: ServiceProcess, name: str) -> set[str]:
+    with service.client(name) as http:
+        return {c["id"] for c in http.get("/clusters").json()["clusters"] if c["status"] in LIVE}
+
+
+def status_of(service: ServiceProcess, name: str, cluster_id: str) -> str:
+    with service.client(name) as http:
+        return http.get(f"/clusters/{cluster_id}").json()["status"]
+
+
+@pytest.fixture
+def no_leaks(service: ServiceProcess) -> Iterator[None]:
+    """Stop every cluster a test started, whether it passed or not."""
+    names = ("alpha", "tight")
+    before = {n: live_ids(service, n) for n in names}
+    try:
+        yield
+    finally:
+        for name in names:
+            with service.client(name) as http:
+                for cluster_id in live_ids(service, name) - before[name]:
+                    http.delete(f"/clusters/{cluster_id}")
+
+
+@pytest.fixture
+def prov(service: ServiceProcess, no_leaks: None) -> Iterator[Provisioner]:
+    p = Provisioner(service.url, "token-alpha")
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_import_is_light() -> None:
+    code = ("import json, sys, provisioner.client; "
+            "print(json.dumps(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in {'fastapi', 'sqlalchemy', 'uvicorn', 'api', 'clusters', "
+            "'starlette', 'pydantic_settings'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_defaults_from_env_and_dask_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVISIONER_URL", "http://env.example:1/")
+    monkeypatch.setenv("PROVISIONER_TOKEN", "env-token")
+    with Provisioner() as p:
+        assert (p.url, p.token) == ("http://env.example:1", "env-token")
+    monkeypatch.delenv("PROVISIONER_URL")
+    monkeypatch.delenv("PROVISIONER_TOKEN")
+    with dask.config.set({"provisioner.url": "http://cfg.example:2", "provisioner.token": "t"}), \
+            Provisioner() as p:
+        assert (p.url, p.token) == ("http://cfg.example:2", "t")
+    with pytest.raises(ValueError, match="PROVISIONER_URL"):
+        Provisioner()
+
+
+def test_sync_cluster_lifecycle(prov: Provisioner, service: ServiceProcess) -> None:
+    cluster = prov.new_cluster(workers=1, project="sdk")
+    try:
+        assert isinstance(cluster, Cluster)
+        assert cluster.scheduler_address == cluster.info.scheduler_address
+        assert cluster.scheduler_address.startswith("tls://" if cluster.info.tls else "tcp://")
+        assert cluster.security.require_encryption == cluster.info.tls
+        assert cluster.name == cluster.cluster_id
+        assert cluster.info.status == "running" and cluster.info.project == "sdk"
+
+        client = cluster.get_client()
+        try:
+            assert client.submit(lambda x: x * 7, 6).result(timeout=60) == 42
+            assert cluster.get_client() is client
+        finally:
+            client.close()
+        if cluster.info.tls:  # the one-liner for a plain distributed.Client
+            security = prov.security(cluster.cluster_id)
+            with Client(cluster.scheduler_address, security=security) as plain:
+                assert plain.submit(lambda: "secure").result(timeout=60) == "secure"
+        wait_until(lambda: cluster.scheduler_info["workers"], 30, what="worker in scheduler_info")
+        assert cluster.dashboard_link.startswith("http")
+        assert cluster.cluster_id in cluster._repr_html_()
+        assert cluster.cluster_id in repr(cluster)
+
+        info = cluster.scale(2)
+        assert info.workers_requested == 2
+        assert prov.get_cluster(cluster.cluster_id).workers_requested == 2
+
+        info = cluster.adapt(minimum=0, maximum=3)
+        assert info.adaptive == (0, 3)
+        assert cluster._adaptive is None  # no local Adaptive loop
+        with service.client("alpha") as http:
+            assert http.get(f"/clusters/{cluster.cluster_id}").json()["adaptive"] == \
+                {"minimum": 0, "maximum": 3}
+        with pytest.raises(ValueError, match="maximum"):
+            cluster.adapt(minimum=1)
+    finally:
+        cluster.close()
+    assert cluster.status.name == "closed"
+    wait_until(lambda: status_of(service, "alpha", cluster.cluster_id) in {"stopping", "stopped"},
+               30, what="cluster stopping")
+    assert any(c.id == cluster.cluster_id for c in prov.list_clusters())
+
+
+def test_connect_leaves_cluster_running(prov: Provisioner, service: ServiceProcess) -> None:
+    with service.client("alpha") as http:
+        created = http.post("/clusters", params={"wait": 60}, json={"workers": 0}).json()
+    cluster_id = created["id"]
+    cluster = prov.connect(cluster_id)
+    assert isinstance(cluster, ProvisionedCluster)
+    assert cluster.scheduler_address == created["scheduler_address"]
+    assert cluster.shutdown_on_close is False
+    cluster.close()
+    assert status_of(service, "alpha", cluster_id) == "running"
+
+    with prov.connect(cluster_id, shutdown_on_close=True) as again:
+        assert again.info.id == cluster_id
+    wait_until(lambda: status_of(service, "alpha", cluster_id) in {"stopping", "stopped"},
+               30, what="cluster stopping")
+    with pytest.raises(ProvisionerError, match=cluster_id):
+        prov.connect(cluster_id, timeout=5)
+
+
+async def test_async_mode(service: ServiceProcess, no_leaks: None) -> None:
+    async with Provisioner(service.url, "token-alpha", asynchronous=True) as prov:
+        cluster = await prov.new_cluster(workers=1)
+        async with cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                assert await client.submit(sum, [1, 2, 3]) == 6
+            info = await cluster.scale(0)
+            assert info.workers_requested == 0
+            listed = await prov.list_clusters()
+            assert cluster.cluster_id in {c.id for c in listed}
+        assert cluster.status.name == "closed"
+
+        async def stopping() -> bool:
+            return (await prov.get_cluster(cluster.cluster_id)).status in {"stopping", "stopped"}
+
+        for _ in range(100):
+            if await stopping():
+                break
+            await asyncio.sleep(0.2)
+        assert await stopping()
+
+
+def test_errors_carry_the_service_message(service: ServiceProcess, no_leaks: None) -> None:
+    with Provisioner(service.url, "token-tight") as tight:
+        with pytest.raises(QuotaExceeded) as excinfo:
+            tight.new_cluster(workers=3, worker_cores=2)
+        assert excinfo.value.status_code == 403
+        assert str(excinfo.value).startswith("quota exceeded:")
+        with pytest.raises(ProvisionerError, match="worker_memory") as bad:
+            tight.create_cluster(worker_memory="lots")
+        assert bad.value.status_code == 422
+        with pytest.raises(ClusterNotFound, match="c-doesnotexist"):
+            tight.connect("c-doesnotexist")
+    with Provisioner(service.url, "wrong-token") as stranger, \
+            pytest.raises(AuthenticationError, match="invalid token"):
+        stranger.list_clusters()
+    with Provisioner("http://127.0.0.1:9", "x") as nowhere, \
+            pytest.raises(ProvisionerError, match="cannot reach"):
+        nowhere.list_clusters()
+
+
+def _fake_service(pems: dict[str, str]) -> Callable[[httpx.Request], httpx.Response]:
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.headers["authorization"] == "Bearer tok"
+        if request.url.path == "/clusters/c-1/credentials":
+            return httpx.Response(200, json={"scheduler_address": "tls://10.0.0.1:8786", **pems})
+        return httpx.Response(404, json={"detail": "cluster c-2 not found"})
+    return handle
+
+
+def test_security_from_credentials_endpoint() -> None:
+    temp = Security.temporary()
+    pems = {"tls_ca": temp.tls_ca_file, "tls_cert": temp.tls_client_cert,
+            "tls_key": temp.tls_client_key}
+    transport = httpx.MockTransport(_fake_service(pems))
+    with Provisioner("http://svc", "tok", transport=transport) as prov:
+        security = prov.security("c-1")
+        assert security.require_encryption
+        assert security.tls_ca_file == pems["tls_ca"]
+        assert security.tls_client_cert == pems["tls_cert"]
+        assert security.get_connection_args("client")["ssl_context"] is not None
+        with pytest.raises(ClusterNotFound, match="c-2"):
+            prov.security("c-2")
+
+
+def test_plain_tcp_cluster(make_service: Callable[..., ServiceProcess]) -> None:
+    """A service run with --no-tls: no credentials to fetch, plain tcp:// comms."""
+    svc = make_service([tenant("alpha")], args=["--no-tls"]).start()
+    with Provisioner(svc.url, "token-alpha") as prov:
+        with prov.new_cluster(workers=1) as cluster:
+            assert not cluster.info.tls
+            assert cluster.scheduler_address.startswith("tcp://")
+            with cluster.get_client() as client:
+                assert client.submit(lambda: "plain").result(timeout=60) == "plain"
+        with pytest.raises(ProvisionerError, match="does not use TLS") as excinfo:
+            prov.security(cluster.cluster_id)
+        assert excinfo.value.status_code == 409
