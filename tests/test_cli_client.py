@@ -1,0 +1,153 @@
+"""``provisioner clusters ...`` and ``provisioner usage`` against the real service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from provisioner import cli_client
+from tests.service import ServiceProcess, wait_until
+
+LIVE = {"pending", "starting", "running"}
+
+
+def live_ids(service: ServiceProcess, name: str) -> set[str]:
+    with service.client(name) as http:
+        return {c["id"] for c in http.get("/clusters").json()["clusters"] if c["status"] in LIVE}
+
+
+@pytest.fixture
+def no_leaks(service: ServiceProcess) -> Iterator[None]:
+    """Stop every cluster a test started, whether it passed or not."""
+    names = ("beta", "tight")
+    before = {n: live_ids(service, n) for n in names}
+    try:
+        yield
+    finally:
+        for name in names:
+            with service.client(name) as http:
+                for cluster_id in live_ids(service, name) - before[name]:
+                    http.delete(f"/clusters/{cluster_id}")
+
+
+@pytest.fixture
+def cli(service: ServiceProcess, no_leaks: None) -> Iterator[CliRunner]:
+    """A runner whose environment points at the shared service as tenant beta."""
+    yield CliRunner(env={"PROVISIONER_URL": service.url, "PROVISIONER_TOKEN": "token-beta",
+                         "COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    app = typer.Typer(pretty_exceptions_enable=False)
+
+    @app.callback()
+    def main() -> None:
+        """The provisioner command, as cli.py builds it."""
+
+    cli_client.register(app)
+    return app
+
+
+def run(cli: CliRunner, app: typer.Typer, *args: str, code: int = 0) -> tuple[str, str]:
+    result = cli.invoke(app, list(args))
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.output
+    return result.stdout, result.stderr
+
+
+def test_cluster_commands(cli: CliRunner, app: typer.Typer, service: ServiceProcess) -> None:
+    stdout, stderr = run(cli, app, "clusters", "create", "--workers", "1", "--project", "cli",
+                         "--idle-timeout", "20m", "--env", "GREETING=hi", "--wait", "--timeout", "120")
+    assert "running" in stdout and "cli" in stdout
+    assert "workers" in stderr  # the live progress display's final state
+    (cluster_id,) = [w for w in stdout.split() if w.startswith("c-")]
+    with service.client("beta") as http:
+        record = http.get(f"/clusters/{cluster_id}").json()
+    assert record["status"] == "running" and record["workers"]["running"] == 1
+    assert record["idle_timeout"] == 1200
+
+    stdout, _ = run(cli, app, "clusters", "list")
+    assert cluster_id in stdout and "PROJECT" in stdout
+    stdout, _ = run(cli, app, "clusters", "list", "--json", "--project", "cli")
+    assert cluster_id in {c["id"] for c in json.loads(stdout)}
+    stdout, _ = run(cli, app, "clusters", "show", cluster_id)
+    assert cluster_id in stdout and "scheduler" in stdout
+
+    stdout, _ = run(cli, app, "clusters", "scale", cluster_id, "2")
+    assert "2 workers requested" in stdout
+    stdout, _ = run(cli, app, "clusters", "adapt", cluster_id, "--min", "0", "--max", "2")
+    assert "adaptive 0-2" in stdout
+    with service.client("beta") as http:
+        assert http.get(f"/clusters/{cluster_id}").json()["adaptive"] == {"minimum": 0, "maximum": 2}
+
+    stdout, _ = run(cli, app, "clusters", "delete", cluster_id, "--wait")
+    assert f"{cluster_id}: stopped" in stdout
+    with service.client("beta") as http:
+        assert http.get(f"/clusters/{cluster_id}").json()["stop_reason"] == "user"
+
+
+def test_create_quiet_no_wait(cli: CliRunner, app: typer.Typer, service: ServiceProcess) -> None:
+    stdout, _ = run(cli, app, "clusters", "create", "-q", "--no-wait", "--workers", "0")
+    cluster_id = stdout.strip()
+    assert cluster_id.startswith("c-") and "\n" not in cluster_id
+    run(cli, app, "clusters", "delete", cluster_id)
+    with service.client("beta") as http:
+        wait_until(lambda: http.get(f"/clusters/{cluster_id}").json()["status"] in {"stopping", "stopped"},
+                   30, what="stopping")
+
+
+def test_errors_are_one_line(cli: CliRunner, app: typer.Typer) -> None:
+    _, stderr = run(cli, app, "clusters", "show", "c-000000000000", code=1)
+    assert stderr.strip() == "error: cluster c-000000000000 not found"
+    _, stderr = run(cli, app, "clusters", "create", "--worker-memory", "lots", "--no-wait", code=1)
+    assert stderr.startswith("error: worker_memory")
+    _, stderr = run(cli, app, "clusters", "create", "--env", "NOEQUALS", code=2)
+    assert "KEY=VALUE" in stderr
+    _, stderr = run(cli, app, "clusters", "list", "--token", "nope", code=1)
+    assert stderr.strip() == "error: invalid token"
+
+
+def test_quota_error_from_the_installed_command(service: ServiceProcess, no_leaks: None) -> None:
+    """The real ``provisioner`` entry point: message, non-zero exit, no traceback."""
+    env = {**os.environ, "PROVISIONER_URL": service.url, "PROVISIONER_TOKEN": "token-tight"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from provisioner.cli import main; main()", "clusters", "create",
+         "--workers", "3", "--worker-cores", "2"],
+        capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: quota exceeded: cores"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_usage(cli: CliRunner, app: typer.Typer) -> None:
+    stdout, stderr = run(cli, app, "usage", "--since", "7d")
+    assert "cores" in stdout.lower()
+    stdout, _ = run(cli, app, "usage", "--json")
+    assert isinstance(json.loads(stdout), dict)
+    _, stderr = run(cli, app, "usage", "--since", "last tuesday", code=2)
+    assert "--since" in stderr
+
+
+def test_usage_tables_accept_either_shape() -> None:
+    from rich.console import Console
+
+    def render(data: dict[str, object]) -> str:
+        console = Console(width=200, record=True)
+        for table in cli_client.usage_tables(data):
+            console.print(table)
+        return console.export_text()
+
+    listed = render({"tenant": "beta", "projects": [
+        {"project": "forecast", "core_seconds": 3600.0, "memory_gib_seconds": 512.5}]})
+    mapped = render({"projects": {"forecast": {"core_seconds": 3600.0}}})
+    for text in (listed, mapped):
+        assert "forecast" in text and "3,600.0" in text and "CORE SECONDS" in text
+    assert "beta" in listed
