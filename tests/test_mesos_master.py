@@ -264,6 +264,12 @@ async def test_task_exit_codes_and_exec_form() -> None:
         assert finals["bad"]["state"] == "TASK_FAILED"
         assert finals["bad"]["message"] == "Command exited with status 3"
         assert finals["exe"]["message"] == "Command exited with status 4"
+        # The command executor exiting afterwards shows up as FAILURE with executor_id.
+        await wait_until(
+            lambda: any(
+                e["type"] == "FAILURE" and e["failure"].get("executor_id") == {"value": "bad"} for e in sub.history
+            )
+        )
 
 
 @pytest.mark.asyncio

@@ -702,6 +702,16 @@ class Master:
         if state in TERMINAL_STATES:
             self._release(task)
         task.updates.add(status)
+        if state in TERMINAL_STATES and not from_agent:
+            # The command executor exits (status 0) once its task is terminal; the agent
+            # reports that as an ExitedExecutorMessage, i.e. FAILURE with executor_id.
+            asyncio.get_running_loop().call_later(0.1, self._executor_exited, task)
+
+    def _executor_exited(self, task: Task) -> None:
+        fw = self.frameworks.get(task.framework_id)
+        if fw is not None and fw.connected and task.agent_id in self.agents:
+            failure = {"agent_id": {"value": task.agent_id}, "executor_id": {"value": task.task_id}, "status": 0}
+            fw.send({"type": "FAILURE", "failure": failure})
 
     def _forward(self, task: Task, status: dict[str, Any]) -> None:
         """The agent (re)sends the oldest unacknowledged update through the master."""
