@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
+import time
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.auth import current_tenant, get_provisioner
-from api.schemas import ErrorOut, Health, TenantOut
-from provisioner.service import Provisioner
+from api.schemas import ErrorOut, Health, ProjectUsage, TenantOut, UsageOut
+from provisioner.service import InvalidRequest, Provisioner
 from provisioner.tenants import Tenant
 
 router = APIRouter()
@@ -23,7 +27,56 @@ async def me(
     return TenantOut(**service.describe_tenant(tenant, await service.usage(tenant)))
 
 
+SINCE_HELP = "epoch seconds or ISO 8601 time; default 30 days ago"
+
+
+def _instant(value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise InvalidRequest("since", f"{value!r} is neither epoch seconds nor an ISO 8601 time") from None
+
+
+@router.get("/tenants/me/usage", response_model=UsageOut, tags=["tenants"],
+            responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+async def my_usage(
+    tenant: Annotated[Tenant, Depends(current_tenant)],
+    service: Annotated[Provisioner, Depends(get_provisioner)],
+    since: Annotated[str | None, Query(max_length=40, description=SINCE_HELP)] = None,
+) -> UsageOut:
+    now = time.time()
+    start = _instant(since, now - 30 * 86400)
+    if not 0 <= start <= now:
+        raise InvalidRequest("since", "must be between the epoch and now")
+    books = await service.store.accounting(tenant.name, start, now)
+    return UsageOut(
+        tenant=tenant.name, since=books.since, until=books.until,
+        core_seconds=books.core_seconds, memory_gib_seconds=books.memory_gib_seconds,
+        projects=[ProjectUsage(project=p, core_seconds=c, memory_gib_seconds=m)
+                  for p, (c, m) in sorted(books.projects.items())],
+    )
+
+
 @router.get("/healthz", response_model=Health, tags=["service"])
 async def healthz(service: Annotated[Provisioner, Depends(get_provisioner)]) -> Health:
     return Health(status="ok", backend=service.backend.name,
                   clusters=len(service.records.live()))
+
+
+@router.get("/metrics", tags=["service"], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorOut}})
+async def metrics(
+    service: Annotated[Provisioner, Depends(get_provisioner)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Prometheus metrics; behind ``--metrics-token`` when one is set."""
+    expected = service.settings.metrics_token
+    if expected and not hmac.compare_digest(authorization or "", f"Bearer {expected}"):
+        raise HTTPException(401, "metrics need the operator's bearer token")
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

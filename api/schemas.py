@@ -144,3 +144,20 @@ class Health(BaseModel):
     status: str
     backend: str
     clusters: int
+
+
+class ProjectUsage(BaseModel):
+    project: str
+    core_seconds: float
+    memory_gib_seconds: float
+
+
+class UsageOut(BaseModel):
+    """Quota held over a period (what clusters reserved, schedulers included)."""
+
+    tenant: str
+    since: float
+    until: float
+    core_seconds: float
+    memory_gib_seconds: float
+    projects: list[ProjectUsage]

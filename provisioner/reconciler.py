@@ -128,6 +128,7 @@ class ClusterRunner:
                 self.rec.backend.start_scheduler(self.spec()), self.rec.settings.start_timeout
             )
         except (LaunchError, TimeoutError) as exc:
+            self.rec.backend_error("scheduler-start")
             reason = str(exc) or f"scheduler not up after {self.rec.settings.start_timeout:g}s"
             await self._fail(reason)
             return False
@@ -137,7 +138,6 @@ class ClusterRunner:
             self.id, status=Status.RUNNING, scheduler_address=endpoint.address,
             dashboard_url=endpoint.dashboard_url, started_at=time.time(),
         )
-        self.rec.metrics_started(self.record)
         self._link(endpoint.address)
         return True
 
@@ -203,6 +203,7 @@ class ClusterRunner:
         return reap_reason(record, fresh, 0)
 
     def worker_lost(self, name: str, reason: str) -> None:
+        self.rec.backend_error("worker-lost")
         now = time.monotonic()
         self._losses.append(now)
         self._last_loss = reason
@@ -251,6 +252,7 @@ class ClusterRunner:
             try:
                 await backend.start_workers(self.spec(), record.scheduler_address, names)
             except LaunchError as exc:
+                self.rec.backend_error("worker-start")
                 logger.warning("cluster %s: %s", self.id, exc)
         elif len(live) > want:
             await self._retire(live, len(live) - want)
@@ -287,11 +289,12 @@ class Reconciler:
         self.tenants = tenants
         self.settings = settings
         self.runners: dict[str, ClusterRunner] = {}
-        self.on_started: list[Any] = []
+        #: Counts backend failures by kind (set by the service to its metrics).
+        self.on_backend_error: Any = None
 
-    def metrics_started(self, record: ClusterRecord) -> None:
-        for hook in self.on_started:
-            hook(record)
+    def backend_error(self, kind: str) -> None:
+        if self.on_backend_error is not None:
+            self.on_backend_error(kind).inc()
 
     def ensure(self, record: ClusterRecord) -> None:
         """Make sure a runner drives this record (called after every change that needs one)."""

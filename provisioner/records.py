@@ -16,14 +16,21 @@ from provisioner.quota import Usage
 from provisioner.store import Store
 from provisioner.tenants import Quota
 
+#: Called with (previous live record or None, new record) after every write.
+Listener = Callable[[ClusterRecord | None, ClusterRecord], None]
+
 
 class Records:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._live: dict[str, ClusterRecord] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self.listeners: list[Listener] = []
 
     def _put(self, record: ClusterRecord) -> ClusterRecord:
+        previous = self._live.get(record.id)
+        for listener in self.listeners:
+            listener(previous, record)
         if record.status.terminal:
             self._live.pop(record.id, None)
         else:

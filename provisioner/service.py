@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.base import Backend
+from provisioner.metrics import Metrics
 from provisioner.models import ClusterRecord, Status, StopReason, new_cluster_id
 from provisioner.quota import QuotaExceeded, Usage, check_workers_per_cluster
 from provisioner.reconciler import Reconciler
@@ -78,6 +79,8 @@ class Provisioner:
         self.records = Records(store)
         self.backend = backend
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
+        self.metrics = Metrics(self.records, tenants)
+        self.reconciler.on_backend_error = self.metrics.backend_errors.labels
 
     async def start(self) -> None:
         await self.store.open([t.name for t in self.tenants])

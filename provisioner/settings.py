@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     mesos_teardown: bool = False
     keep_clusters: bool = False
     tls: bool = True
+    #: Bearer token that guards /metrics (tenant names and usage); open when unset.
+    metrics_token: str | None = None
     #: Address schedulers and workers listen on (local backend).
     cluster_host: str = "127.0.0.1"
     #: Seconds a scheduler may take to come up before the cluster is failed.

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -66,6 +67,22 @@ tenants_table = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
 )
 
+#: Accounting: one row per stretch of time a cluster held a fixed amount of its tenant's quota.
+#: Written in the same transaction as the change that starts or ends the stretch, so the
+#: books always agree with the records.
+usage_table = sa.Table(
+    "usage_intervals",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster_id", sa.String(32), nullable=False, index=True),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("project", sa.String(128), nullable=False),
+    sa.Column("cores", sa.Float, nullable=False),
+    sa.Column("memory", sa.BigInteger, nullable=False),
+    sa.Column("start", sa.Float, nullable=False),
+    sa.Column("end", sa.Float, index=True),
+)
+
 meta_table = sa.Table(
     "meta",
     metadata,
@@ -74,6 +91,23 @@ meta_table = sa.Table(
 )
 
 _COLUMNS = [f.name for f in fields(ClusterRecord)]
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    """Quota held over a period: core-seconds and memory GiB-seconds, per project."""
+
+    since: float
+    until: float
+    projects: dict[str, tuple[float, float]]
+
+    @property
+    def core_seconds(self) -> float:
+        return sum(c for c, _ in self.projects.values())
+
+    @property
+    def memory_gib_seconds(self) -> float:
+        return sum(m for _, m in self.projects.values())
 
 
 class StoreError(Exception):
@@ -239,6 +273,7 @@ class Store:
             check_workers_per_cluster(quota, record.workers_requested)
             check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1)
             conn.execute(clusters_table.insert().values(**_record_to_row(record)))
+            self._account(conn, record)
         return record
 
     async def admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
@@ -280,6 +315,8 @@ class Store:
                 .where(clusters_table.c.id == cluster_id)
                 .values(workers_requested=workers, **changes)
             )
+            if updated.cores != record.cores or updated.memory != record.memory:
+                self._account(conn, updated)
         return updated
 
     async def resize(
@@ -300,13 +337,56 @@ class Store:
             ).first()
             if row is None:
                 raise NotFound(cluster_id)
-            updated = _row_to_record(row).evolve(**changes)
+            before = _row_to_record(row)
+            updated = before.evolve(**changes)
             values = {k: v for k, v in _record_to_row(updated).items() if k in changes
                       or k == "stopped_at"}
             conn.execute(
                 clusters_table.update().where(clusters_table.c.id == cluster_id).values(**values)
             )
+            if updated.cores != before.cores or updated.memory != before.memory:
+                self._account(conn, updated)
         return updated
+
+    def _account(self, conn: Connection, record: ClusterRecord) -> None:
+        """Close the cluster's open stretch and open one at its new size (none once ended)."""
+        now = time.time()
+        conn.execute(
+            usage_table.update()
+            .where(usage_table.c.cluster_id == record.id, usage_table.c.end.is_(None))
+            .values(end=now)
+        )
+        if record.cores or record.memory:
+            conn.execute(usage_table.insert().values(
+                cluster_id=record.id, tenant=record.tenant, project=record.project,
+                cores=record.cores, memory=record.memory, start=now, end=None,
+            ))
+
+    def _accounting(self, tenant: str, since: float, until: float) -> Accounting:
+        end = sa.func.coalesce(usage_table.c.end, until)
+        overlap = sa.func.max(0.0, sa.func.min(end, until) - sa.func.max(usage_table.c.start, since)) \
+            if self._sqlite else sa.func.greatest(
+                0.0, sa.func.least(end, until) - sa.func.greatest(usage_table.c.start, since))
+        query = (
+            sa.select(
+                usage_table.c.project,
+                sa.func.sum(usage_table.c.cores * overlap),
+                sa.func.sum(usage_table.c.memory * overlap),
+            )
+            .where(usage_table.c.tenant == tenant, usage_table.c.start < until,
+                   sa.or_(usage_table.c.end.is_(None), usage_table.c.end > since))
+            .group_by(usage_table.c.project)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        return Accounting(since, until, {
+            project: (float(cores or 0), float(memory or 0) / 2**30)
+            for project, cores, memory in rows
+        })
+
+    async def accounting(self, tenant: str, since: float, until: float | None = None) -> Accounting:
+        """Core-seconds and memory GiB-seconds the tenant's clusters held in [since, until]."""
+        return await self._call(self._accounting, tenant, since, until or time.time())
 
     async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:
         """Apply field changes (status transitions checked) and return the new record."""
