@@ -315,7 +315,9 @@ def parse_since(text: str) -> float:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, key: str = "") -> str:
+    if key in {"since", "until"} and isinstance(value, (int, float)):
+        return _when(value)
     if isinstance(value, float):
         return f"{value:,.1f}"
     if isinstance(value, (dict, list)):
@@ -339,7 +341,7 @@ def usage_tables(data: dict[str, Any]) -> list[Table]:
         head.add_column(style="bold")
         head.add_column()
         for key, value in summary.items():
-            head.add_row(key.replace("_", " "), _cell(value))
+            head.add_row(key.replace("_", " "), _cell(value, key))
         tables.append(head)
     if rows:
         columns = list(dict.fromkeys(k for r in rows for k in r))

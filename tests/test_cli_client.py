@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from provisioner import cli_client
+from provisioner.client import Provisioner
 from tests.service import ServiceProcess, wait_until
 
 LIVE = {"pending", "starting", "running"}
@@ -128,12 +131,31 @@ def test_quota_error_from_the_installed_command(service: ServiceProcess, no_leak
 
 
 def test_usage(cli: CliRunner, app: typer.Typer) -> None:
-    stdout, stderr = run(cli, app, "usage", "--since", "7d")
-    assert "cores" in stdout.lower()
-    stdout, _ = run(cli, app, "usage", "--json")
-    assert isinstance(json.loads(stdout), dict)
+    stdout, _ = run(cli, app, "usage", "--since", "7d")
+    assert "beta" in stdout and "core seconds" in stdout.lower()
+    stdout, _ = run(cli, app, "usage", "--json", "--since", "2026-01-01")
+    data = json.loads(stdout)
+    assert data["tenant"] == "beta" and isinstance(data["projects"], list)
     _, stderr = run(cli, app, "usage", "--since", "last tuesday", code=2)
     assert "--since" in stderr
+
+
+def test_usage_falls_back_to_current_usage(cli: CliRunner, app: typer.Typer,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service without GET /tenants/me/usage: show quota and usage from /tenants/me."""
+    me = {"name": "beta", "quota": {"cores": 4, "memory": 8 * 2**30, "clusters": 3},
+          "usage": {"cores": 1.5, "memory": 2**30, "clusters": 1, "workers": 1}, "defaults": {}}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tenants/me":
+            return httpx.Response(200, json=me)
+        return httpx.Response(404, json={"detail": "Not Found"})
+
+    transport = httpx.MockTransport(handle)
+    monkeypatch.setattr(cli_client, "Provisioner", functools.partial(Provisioner, transport=transport))
+    stdout, stderr = run(cli, app, "usage")
+    assert "not served" in stderr
+    assert "cores" in stdout and "2.5" in stdout and "7.00 GiB" in stdout
 
 
 def test_usage_tables_accept_either_shape() -> None:
