@@ -71,6 +71,7 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
 
         backend = LocalBackend(settings.data_dir, host=settings.cluster_host)
     store = Store(settings.state_url)
+    store.check()
     return Provisioner(settings, TenantDirectory(tenants), store, backend), token
 
 

@@ -139,7 +139,10 @@ def make_engine(url: str) -> Engine:
     try:
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"state URL {url!r}: cannot create its folder: {exc.strerror}") from None
             engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
             @sa.event.listens_for(engine, "connect")
@@ -204,6 +207,15 @@ class Store:
                     conn.execute(tenants_table.insert().values(name=name))
         except OperationalError as exc:
             raise StoreError(f"cannot open state {self.engine.url!r}: {exc.orig}") from None
+
+    def check(self) -> None:
+        """Connect once, before serving, so a bad URL is a clear start-up error."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as exc:  # every driver has its own error types
+            reason = getattr(exc, "orig", None) or exc
+            raise StoreError(f"cannot open state {self.engine.url!r}: {reason}") from None
 
     async def open(self, tenant_names: list[str]) -> None:
         await self._call(self._open, tenant_names)

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from provisioner.sizes import parse_bytes, parse_seconds
 
@@ -71,12 +79,13 @@ class Tenant(BaseModel):
             data = {**data, "token_sha256": [data["token_sha256"]]}
         return data
 
-    @model_validator(mode="after")
-    def _check(self) -> Tenant:
-        for digest in self.token_sha256:
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ValueError("token_sha256 must be 64 lowercase hex characters (a SHA-256)")
-        return self
+                raise ValueError("must be 64 lowercase hex characters (a SHA-256 of the token)")
+        return digests
 
     @property
     def role(self) -> str:
