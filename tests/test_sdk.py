@@ -148,14 +148,26 @@ def test_connect_leaves_cluster_running(prov: Provisioner, service: ServiceProce
         prov.connect(cluster_id, timeout=5)
 
 
+def test_forgotten_cluster_stops_at_exit(service: ServiceProcess, no_leaks: None) -> None:
+    """A kernel that exits without close() does not leave its cluster running."""
+    code = ("import sys; from provisioner.client import Provisioner; "
+            "c = Provisioner(sys.argv[1], 'token-alpha').new_cluster(workers=0); print(c.cluster_id)")
+    out = subprocess.run([sys.executable, "-c", code, service.url], capture_output=True, text=True,
+                         check=True, timeout=120)
+    cluster_id = out.stdout.strip().splitlines()[-1]
+    wait_until(lambda: status_of(service, "alpha", cluster_id) in {"stopping", "stopped"},
+               30, what="forgotten cluster stopping")
+
+
 async def test_async_mode(service: ServiceProcess, no_leaks: None) -> None:
     async with Provisioner(service.url, "token-alpha", asynchronous=True) as prov:
-        cluster = await prov.new_cluster(workers=1)
+        cluster = await prov.new_cluster(adaptive=(1, 2))
+        assert cluster.info.adaptive == (1, 2)
         async with cluster:
             async with Client(cluster, asynchronous=True) as client:
                 assert await client.submit(sum, [1, 2, 3]) == 6
             info = await cluster.scale(0)
-            assert info.workers_requested == 0
+            assert info.workers_requested == 0 and info.adaptive is None
             listed = await prov.list_clusters()
             assert cluster.cluster_id in {c.id for c in listed}
         assert cluster.status.name == "closed"
