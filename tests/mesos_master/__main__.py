@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -62,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--credential", action="append", default=[], help="PRINCIPAL:SECRET; enables HTTP Basic authentication"
     )
     p.add_argument("--redirect-to", default=None, help="act as non-leader, redirecting to HOST:PORT")
-    p.add_argument("--work-dir", default=None, help="where sandboxes go (default: a temp dir)")
+    p.add_argument(
+        "--work-dir",
+        default=os.environ.get("MESOS_MASTER_WORK_DIR"),
+        help="where sandboxes go and stay (default: $MESOS_MASTER_WORK_DIR, else a temp dir removed on exit)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="WARNING")
     return p

@@ -9,6 +9,7 @@ test body raised.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -56,6 +57,9 @@ class MesosMaster:
             seed=seed,
         )
         self._own_work_dir = work_dir is None
+        if work_dir is not None:
+            os.makedirs(work_dir, exist_ok=True)
+            work_dir = tempfile.mkdtemp(prefix="mesos-master-", dir=work_dir)
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="mesos-master-")
         self.master = Master(self.config, self.work_dir, specs, quotas, weights)
         if redirect_to is not None:
