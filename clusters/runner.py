@@ -114,10 +114,12 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2:
-        print("usage: python -m clusters.runner scheduler|worker '<json options>' [ready-fd]",
+        print("usage: python -m clusters.runner scheduler|worker '<json options>'|env:VAR [ready-fd]",
               file=sys.stderr)
         return 2
-    role, options = argv[0], json.loads(argv[1])
+    # ``env:NAME`` reads the options from that variable: keeps TLS keys out of argv (Mesos).
+    raw = os.environ.get(argv[1][4:], "") if argv[1].startswith("env:") else argv[1]
+    role, options = argv[0], json.loads(raw)
     ready_fd = int(argv[2]) if len(argv) > 2 else None
     return asyncio.run(serve(role, options, ready_fd))
 

@@ -92,6 +92,8 @@ class _Cluster:
     #: task ids we asked to kill (or that were retired): their end is no loss
     stopping: set[str] = field(default_factory=set)
     starting: asyncio.Future[None] | None = None
+    #: start_scheduler is in progress: a scheduler ending now is its failure, not a loss
+    launching: bool = False
     stopped: bool = False
     recovering: bool = False
     lost_reason: str | None = None
@@ -135,6 +137,7 @@ class MesosBackend(Backend):
         kill_grace: float = 10.0,
         worker_death_timeout: float = 60.0,
         recover_timeout: float = 20.0,
+        scheduler_attempts: int = 3,
         weights: dict[str, float] | None = None,
         roles: Sequence[str] = (),
         missed_heartbeats: float = 5,
@@ -150,6 +153,7 @@ class MesosBackend(Backend):
         self.refuse_seconds = refuse_seconds
         self.idle_refuse_seconds = idle_refuse_seconds
         self.recover_timeout = recover_timeout
+        self.scheduler_attempts = max(1, scheduler_attempts)
         self.weights = dict(weights or {})
         self.task_settings = TaskSettings(command=command, kill_grace=kill_grace,
                                           death_timeout=worker_death_timeout)
@@ -444,6 +448,8 @@ class MesosBackend(Backend):
             cluster.scheduler = None
             if cluster.starting is not None and not cluster.starting.done():
                 cluster.starting.set_exception(LaunchError(f"scheduler task {reason}"))
+            elif cluster.launching:
+                pass  # start_scheduler sees the state and decides
             elif cluster.recovering:
                 cluster.lost_reason = f"scheduler task {reason}"
             elif not wanted_end and self._events is not None:
@@ -589,13 +595,32 @@ class MesosBackend(Backend):
     async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
         cluster = self._cluster(spec)
         cluster.stopped = False
+        await self._ensure_role(spec.role)
+        cluster.launching = True
+        try:
+            for attempt in range(1, self.scheduler_attempts + 1):
+                try:
+                    ref = await self._run_scheduler(cluster, spec)
+                    break
+                except LaunchError as exc:
+                    # A scheduler that dies at once (say its port is taken by a process
+                    # Mesos does not know) gets another try elsewhere.
+                    if cluster.stopped or attempt == self.scheduler_attempts:
+                        raise
+                    logger.warning("cluster %s: %s; launching it again", spec.cluster_id, exc)
+        finally:
+            cluster.launching = False
+        protocol = "tls://" if spec.credentials else "tcp://"
+        return SchedulerEndpoint(f"{protocol}{ref.host}:{ref.port}")
+
+    async def _run_scheduler(self, cluster: _Cluster, spec: ClusterSpec) -> TaskRef:
+        """Launch one scheduler task; return once it runs and accepts connections."""
         if cluster.scheduler is not None:  # an earlier attempt: make way
             old = cluster.scheduler
             cluster.stopping.add(old.task_id)
             self._pending.pop(old.task_id, None)
             if old.state != PENDING:
                 await self._kill(old)
-        await self._ensure_role(spec.role)
         task_id = f"{spec.cluster_id}-scheduler-{secrets.token_hex(3)}"
         ref = TaskRef(task_id, "scheduler")
         cluster.scheduler = ref
@@ -615,8 +640,7 @@ class MesosBackend(Backend):
         finally:
             if cluster.starting is starting:
                 cluster.starting = None
-        protocol = "tls://" if spec.credentials else "tcp://"
-        return SchedulerEndpoint(f"{protocol}{ref.host}:{ref.port}")
+        return ref
 
     async def _reachable(self, cluster: _Cluster, ref: TaskRef) -> None:
         """RUNNING means the process started; wait until it accepts connections."""

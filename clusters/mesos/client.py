@@ -199,6 +199,7 @@ class MesosClient:
         stream_id = response.headers.get("mesos-stream-id")
         chunks = response.aiter_raw()
         reconnect = asyncio.ensure_future(self._reconnect.wait())
+        read: asyncio.Future[bytes] | None = None
         try:
             while True:
                 timeout = self.heartbeat_interval * self.missed_heartbeats
@@ -222,6 +223,10 @@ class MesosClient:
                     await self._dispatch(json.loads(record), stream_id)
         finally:
             reconnect.cancel()
+            if read is not None and not read.done():
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
 
     async def _dispatch(self, event: dict[str, Any], stream_id: str | None) -> None:
         kind = event.get("type")

@@ -1,7 +1,7 @@
 """TaskInfo for Dask schedulers and workers as executor-less Mesos command tasks.
 
 The runner's options (with TLS keys for secure clusters) travel in an environment variable
-rather than on the command line, so they do not show up in process listings on the agent.
+that the runner reads itself (``env:NAME``), so they do not show up in process listings.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def task_info(request: TaskRequest, agent_id: str, hostname: str,
         "resources": resources,
         "command": {
             "shell": True,
-            "value": f'exec {settings.command} {request.kind} "${OPTIONS_VAR}"',
+            "value": f"exec {settings.command} {request.kind} env:{OPTIONS_VAR}",
             "environment": {"variables": [{"name": k, "value": v} for k, v in env.items()]},
         },
         "kill_policy": {"grace_period": {"nanoseconds": int(settings.kill_grace * 1e9)}},

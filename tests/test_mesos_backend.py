@@ -1,0 +1,337 @@
+"""The Mesos backend end to end: the real service (``--backend mesos``) against the test
+master in its own process, whose agents run every task as a real process on this machine.
+
+Every test owns its master and its service; fixtures stop the service first (its clusters'
+tasks are killed) and then the master (which SIGKILLs any task process left), so nothing
+outlives a test, failed or not. Heartbeats and allocation are fast to keep tests short.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from tests.mesos_master import MesosMasterProcess
+from tests.service import GiB, ServiceProcess, tenant, wait_until
+
+MakeService = Callable[..., ServiceProcess]
+MakeMaster = Callable[..., MesosMasterProcess]
+#: The agents of the test master are this machine: run Dask with this very interpreter.
+RUNNER = f"{sys.executable} -m clusters.runner"
+LIVE = {"TASK_STAGING", "TASK_STARTING", "TASK_RUNNING", "TASK_KILLING"}
+
+
+def port_block(size: int = 100) -> tuple[int, int]:
+    """A range of free ports below the ephemeral range, away from the agents' default
+    31000+ (other test runs on this machine may be using those)."""
+    for _ in range(50):
+        base = random.randrange(12000, 30000 - size, size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base, base + size - 1
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture
+def mesos() -> Iterator[MakeMaster]:
+    """Starts a test master; ``agents=N`` agents each get their own free port range."""
+    made: list[MesosMasterProcess] = []
+
+    def make(agents: int = 1, agent_cpus: float = 4, agent_mem: float = 4096,
+             **options: Any) -> MesosMasterProcess:
+        begin, end = port_block()
+        settings = {"heartbeat": 1.0, "allocation_interval": 0.3, "retry_interval": 2.0}
+        master = MesosMasterProcess(agents=1, agent_cpus=agent_cpus, agent_mem=agent_mem,
+                                    extra_args=["--agent-ports", f"{begin}-{end}"],
+                                    **{**settings, **options})
+        made.append(master)
+        master.start()
+        for _ in range(agents - 1):
+            master.add_agent(cpus=agent_cpus, mem=agent_mem, ports=[port_block()])
+        return master
+
+    try:
+        yield make
+    finally:
+        for master in made:
+            master.stop()
+
+
+def on_mesos(make_service: MakeService, master: MesosMasterProcess,
+             tenants: list[dict[str, Any]], workdir: Any = None) -> ServiceProcess:
+    args = ["--backend", "mesos", "--mesos-master", master.address, "--mesos-command", RUNNER]
+    return make_service(tenants, args=args, env={"PROVISIONER_MESOS_KILL_GRACE": "2"},
+                        workdir=workdir)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def framework(master: MesosMasterProcess) -> dict[str, Any]:
+    frameworks = master.state()["frameworks"]
+    assert len(frameworks) == 1, frameworks
+    return frameworks[0]
+
+
+def tasks(master: MesosMasterProcess, prefix: str = "", live: bool = True) -> list[dict[str, Any]]:
+    found = []
+    for fw in master.state()["frameworks"]:
+        for task in fw["tasks"]:
+            if task["task_id"].startswith(prefix) and (not live or task["state"] in LIVE):
+                found.append(task)
+    return found
+
+
+def running_ids(master: MesosMasterProcess, prefix: str) -> set[str]:
+    return {t["task_id"] for t in tasks(master, prefix) if t["state"] == "TASK_RUNNING"}
+
+
+def create(svc: ServiceProcess, name: str, **body: Any) -> dict[str, Any]:
+    with svc.client(name) as http:
+        r = http.post("/clusters?wait=90", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["status"] == "running", r.json()
+        return r.json()
+
+
+def get(svc: ServiceProcess, name: str, cid: str) -> dict[str, Any]:
+    with svc.client(name) as http:
+        return http.get(f"/clusters/{cid}").json()
+
+
+def scale(svc: ServiceProcess, name: str, cid: str, workers: int) -> None:
+    with svc.client(name) as http:
+        r = http.post(f"/clusters/{cid}/scale", json={"workers": workers})
+        assert r.status_code == 200, r.text
+
+
+def computes(svc: ServiceProcess, name: str, cluster: dict[str, Any], workers: int) -> None:
+    security = svc.security(name, cluster["id"])
+    with Client(cluster["scheduler_address"], security=security, timeout=30) as client:
+        client.wait_for_workers(workers, timeout=60)
+        assert client.submit(lambda x: x * 7, 6).result(timeout=60) == 42
+        names = {w["name"] for w in client.scheduler_info()["workers"].values()}
+    return names  # type: ignore[return-value]
+
+
+def status_is(svc: ServiceProcess, name: str, cid: str, *wanted: str) -> Any:
+    c = get(svc, name, cid)
+    return c if c["status"] in wanted else None
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: MakeService) -> None:
+    master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
+    svc = on_mesos(make_service, master, [tenant("acme", cores=4, memory=4 * GiB)]).start()
+
+    c = create(svc, "acme", workers=1)
+    cid = c["id"]
+    port = int(c["scheduler_address"].rsplit(":", 1)[1])
+    assert c["scheduler_address"].startswith("tls://127.0.0.1:"), c
+    offered = master.state()["agents"][0]["total"]
+    ports = next(r["ranges"]["range"][0] for r in offered if r["name"] == "ports")
+    assert ports["begin"] <= port <= ports["end"], (port, ports)  # a port from the offer
+    fw = framework(master)
+    assert fw["roles"] == ["acme"] and "MULTI_ROLE" in fw["capabilities"]
+    names = computes(svc, "acme", c, 1)
+    # A worker's Dask name is its Mesos task id.
+    assert names == running_ids(master, f"{cid}-w")
+    assert {t["role"] for t in tasks(master, cid)} == {"acme"}
+
+    scale(svc, "acme", cid, 2)
+    computes(svc, "acme", c, 2)
+    wait_until(lambda: len(running_ids(master, f"{cid}-w")) == 2, what="two worker tasks")
+    scale(svc, "acme", cid, 1)
+    wait_until(lambda: len(tasks(master, f"{cid}-w")) == 1, what="one worker task left")
+    wait_until(lambda: get(svc, "acme", cid)["workers"]["running"] == 1, what="one worker")
+    # Nothing pending: the framework stops asking for offers.
+    wait_until(lambda: framework(master)["suppressed_roles"] == ["acme"], what="suppressed")
+
+    idle = create(svc, "acme", workers=0, idle_timeout=3)
+    reaped = wait_until(lambda: status_is(svc, "acme", idle["id"], "stopped"), timeout=60,
+                        what="idle reap")
+    assert reaped["stop_reason"] == "idle"
+    wait_until(lambda: not tasks(master, idle["id"]), what="reaped cluster's tasks gone")
+
+    with svc.client("acme") as http:
+        assert http.delete(f"/clusters/{cid}").status_code == 200
+    wait_until(lambda: status_is(svc, "acme", cid, "stopped"), what="stopped")
+    wait_until(lambda: not tasks(master), what="every task gone")
+    state = master.state()
+    assert all(t["state"] == "TASK_KILLED" for t in state["completed_tasks"]
+               if t.get("task_id", "").startswith(cid)), state["completed_tasks"]
+    assert state["frameworks"][0]["connected"]
+
+
+def test_two_tenants_share_a_small_pool_within_quotas(mesos: MakeMaster,
+                                                     make_service: MakeService) -> None:
+    # One agent with 3 cpus; Mesos caps role alpha at 1.5 cpus.
+    master = mesos(agents=1, agent_cpus=3, agent_mem=4096,
+                   quotas={"alpha": {"cpus": 1.5, "mem": 2048}})
+    svc = on_mesos(make_service, master, [
+        tenant("alpha", cores=3, memory=4 * GiB, clusters=2),
+        tenant("beta", cores=3, memory=4 * GiB, clusters=1),
+    ]).start()
+
+    def role_cpus(role: str) -> float:
+        total = 0.0
+        for task in tasks(master):
+            if task["role"] == role:
+                total += 1.0 if "-w" in task["task_id"] else 0.5
+        return total
+
+    a = create(svc, "alpha", workers=2)
+    b = create(svc, "beta", workers=2)
+    # Mesos's quota: alpha gets its scheduler and one worker; beta what is left.
+    wait_until(lambda: len(running_ids(master, f"{a['id']}-w")) == 1, what="alpha worker")
+    wait_until(lambda: len(running_ids(master, f"{b['id']}-w")) == 1, what="beta worker")
+    for _ in range(10):
+        assert role_cpus("alpha") <= 1.5 and role_cpus("alpha") + role_cpus("beta") <= 3
+        time.sleep(0.3)
+    assert len(tasks(master, f"{a['id']}-w")) == 1  # the other worker waits for an offer
+    computes(svc, "beta", b, 1)
+
+    # The service's own quota: 403 with the numbers, nothing launched.
+    with svc.client("beta") as http:
+        r = http.post("/clusters", json={"workers": 0})
+        assert r.status_code == 403 and "clusters" in r.json()["detail"], r.text
+    with svc.client("alpha") as http:
+        r = http.post("/clusters", json={"workers": 3})
+        assert r.status_code == 403 and "cores" in r.json()["detail"], r.text
+        assert http.delete(f"/clusters/{a['id']}").status_code == 200
+    # Alpha's resources go back to the pool and beta's waiting worker gets them.
+    wait_until(lambda: len(running_ids(master, f"{b['id']}-w")) == 2, timeout=60,
+               what="beta's second worker")
+    computes(svc, "beta", b, 2)
+    assert not tasks(master, a["id"])
+
+
+def test_killed_worker_task_is_replaced(mesos: MakeMaster, make_service: MakeService) -> None:
+    master = mesos()
+    svc = on_mesos(make_service, master, [tenant("acme", cores=4)]).start()
+    c = create(svc, "acme", workers=2)
+    wait_until(lambda: len(running_ids(master, f"{c['id']}-w")) == 2, what="workers")
+    before = running_ids(master, f"{c['id']}-w")
+    victim = sorted(before)[0]
+    master.kill_task_process(victim)
+    wait_until(lambda: (ids := running_ids(master, f"{c['id']}-w")) and len(ids) == 2
+               and victim not in ids, timeout=60, what="a replacement worker")
+    assert get(svc, "acme", c["id"])["status"] == "running"
+    names = computes(svc, "acme", c, 2)
+    assert victim not in names
+
+
+def test_agent_loss_heals_workers_and_fails_on_scheduler_loss(
+        mesos: MakeMaster, make_service: MakeService) -> None:
+    master = mesos(agents=3, agent_cpus=2, agent_mem=2048)
+    svc = on_mesos(make_service, master, [tenant("acme", cores=6)]).start()
+    c = create(svc, "acme", workers=2)
+    wait_until(lambda: len(running_ids(master, f"{c['id']}-w")) == 2, what="workers")
+    placed = {t["task_id"]: t["agent_id"] for t in tasks(master, c["id"])}
+    sched_agent = next(a for t, a in placed.items() if "-scheduler-" in t)
+    worker_agents = {a for t, a in placed.items() if "-w" in t} - {sched_agent}
+    assert worker_agents, placed  # 2 cpus per agent: a worker sits elsewhere
+
+    lost_agent = sorted(worker_agents)[0]
+    lost = {t for t, a in placed.items() if a == lost_agent}
+    master.remove_agent(lost_agent)
+    wait_until(lambda: (ids := running_ids(master, f"{c['id']}-w")) and len(ids) == 2
+               and not ids & lost, timeout=60, what="workers replaced on other agents")
+    assert get(svc, "acme", c["id"])["status"] == "running"
+    computes(svc, "acme", c, 2)
+
+    master.remove_agent(sched_agent)
+    failed = wait_until(lambda: status_is(svc, "acme", c["id"], "failed"), timeout=60,
+                        what="cluster failed")
+    assert "TASK_LOST" in failed["stop_reason"] and "AGENT" in failed["stop_reason"], failed
+    wait_until(lambda: not tasks(master, c["id"]), what="its workers killed")
+    with svc.client("acme") as http:
+        assert http.get("/tenants/me").json()["usage"]["clusters"] == 0
+
+
+def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
+        mesos: MakeMaster, make_service: MakeService) -> None:
+    master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
+    svc = on_mesos(make_service, master, [tenant("acme", cores=4)]).start()
+    kept = create(svc, "acme", workers=1)
+    doomed = create(svc, "acme", workers=0)
+    fw_id = framework(master)["id"]
+    wait_until(lambda: len(running_ids(master, f"{kept['id']}-w")) == 1, what="worker")
+    kept_tasks = running_ids(master, kept["id"])
+
+    svc.kill()
+    wait_until(lambda: not framework(master)["connected"], what="framework disconnected")
+    # While the service is away: one scheduler dies, and the record of a worker is lost
+    # (the task becomes one the service does not recognise).
+    doomed_sched = next(iter(running_ids(master, doomed["id"])))
+    master.kill_task_process(doomed_sched)
+    stray = next(iter(running_ids(master, f"{kept['id']}-w")))
+    with closing(sqlite3.connect(svc.data_dir / "provisioner.db")) as db:
+        (raw,) = db.execute("select backend_state from clusters where id = ?",
+                            (kept["id"],)).fetchone()
+        state = json.loads(raw)
+        del state["workers"][stray]
+        db.execute("update clusters set backend_state = ? where id = ?",
+                   (json.dumps(state), kept["id"]))
+        db.commit()
+    assert running_ids(master, kept["id"]) == kept_tasks  # tasks outlive the service
+
+    svc.start()
+    fw = framework(master)
+    assert fw["id"] == fw_id and fw["connected"], fw  # same framework, not a new one
+    after = get(svc, "acme", kept["id"])
+    assert after["status"] == "running"
+    assert after["scheduler_address"] == kept["scheduler_address"]
+    # The unrecognised task is killed and the cluster gets a new worker in its place.
+    wait_until(lambda: stray not in running_ids(master, ""), what="stray task killed")
+    wait_until(lambda: len(running_ids(master, f"{kept['id']}-w")) == 1, what="new worker")
+    failed = wait_until(lambda: status_is(svc, "acme", doomed["id"], "failed"), what="doomed")
+    assert "scheduler" in failed["stop_reason"] and "TASK_FAILED" in failed["stop_reason"]
+
+    # Still managed: scale and delete work on the re-adopted cluster.
+    scale(svc, "acme", kept["id"], 2)
+    computes(svc, "acme", kept, 2)
+    with svc.client("acme") as http:
+        assert http.delete(f"/clusters/{kept['id']}").status_code == 200
+    wait_until(lambda: not tasks(master), what="every task gone")
+
+
+def test_dropped_stream_resubscribes_and_carries_on(mesos: MakeMaster,
+                                                    make_service: MakeService) -> None:
+    master = mesos()
+    svc = on_mesos(make_service, master, [tenant("acme", cores=4)]).start()
+    c = create(svc, "acme", workers=1)
+    fw_id = framework(master)["id"]
+    before = running_ids(master, c["id"])
+
+    master.drop_framework_stream(fw_id)
+    wait_until(lambda: framework(master)["connected"], what="re-subscribed")
+    assert framework(master)["id"] == fw_id
+    scale(svc, "acme", c["id"], 2)  # needs offers again: revive on the new stream
+    computes(svc, "acme", c, 2)
+    assert before <= running_ids(master, c["id"])  # nothing restarted
+
+    # A leader change: every stream ends, the new leader re-adopts the framework.
+    master.fail_over()
+    wait_until(lambda: master.state()["frameworks"] and framework(master)["connected"],
+               what="re-subscribed to the new leader")
+    assert framework(master)["id"] == fw_id
+    scale(svc, "acme", c["id"], 1)
+    wait_until(lambda: len(tasks(master, f"{c['id']}-w")) == 1, what="scaled down")
+    assert get(svc, "acme", c["id"])["status"] == "running"
