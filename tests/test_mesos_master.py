@@ -628,3 +628,15 @@ async def test_http_basic_authentication() -> None:
             "POST", f"{master.url}/api/v1/scheduler", json=subscribe, auth=("svc", "s3cret")
         ) as stream:
             assert stream.status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_offer_timeout_rescinds() -> None:
+    async with make_master(offer_timeout=0.3) as master, Subscriber(master.url, framework_info()) as sub:
+        await sub.next("SUBSCRIBED")
+        offer = await first_offer(sub)
+        rescind = await sub.next("RESCIND", timeout=3)
+        assert rescind["rescind"]["offer_id"] == offer["id"]
+        await sub.call("ACCEPT", launch(offer, command_task("late", offer["agent_id"]["value"], "true")))
+        late = await sub.update("late")
+        assert late["state"] == "TASK_LOST" and late["reason"] == "REASON_INVALID_OFFERS"

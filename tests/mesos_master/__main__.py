@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where sandboxes go and stay (default: $MESOS_MASTER_WORK_DIR, else a temp dir removed on exit)",
     )
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--offer-timeout", type=float, default=None, help="rescind offers older than this, seconds")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -95,6 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
         redirect_to=args.redirect_to,
         work_dir=args.work_dir,
         seed=args.seed,
+        offer_timeout=args.offer_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

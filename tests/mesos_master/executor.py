@@ -10,6 +10,7 @@ for benchmarks that simulate many clusters.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import os
@@ -36,6 +37,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# Process groups of live tasks, SIGKILLed at interpreter exit if nobody closed the master.
+_LIVE_GROUPS: set[int] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for pid in list(_LIVE_GROUPS):
+        _signal_group(pid, signal.SIGKILL)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -235,6 +246,7 @@ class CommandExecutor:
             out.close()
             err.close()
         self.pid = proc.pid
+        _LIVE_GROUPS.add(proc.pid)
         self._started = True
         if self._destroyed:
             _signal_group(proc.pid, signal.SIGKILL)
@@ -250,12 +262,14 @@ class CommandExecutor:
             _signal_group(proc.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), 2)
+            _LIVE_GROUPS.discard(proc.pid)
             raise
         finally:
             if deadline is not None:
                 deadline.cancel()
         # Like a container being destroyed: nothing of the task outlives its main process.
         _signal_group(proc.pid, signal.SIGKILL)
+        _LIVE_GROUPS.discard(proc.pid)
         message = describe_exit(returncode)
         if self._expired:
             self._report(

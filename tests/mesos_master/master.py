@@ -46,6 +46,7 @@ class MasterConfig:
     allowed_roles: frozenset[str] | None = None
     hostname: str = "127.0.0.1"
     seed: int | None = None
+    offer_timeout: float | None = None
 
 
 def error_event(message: str) -> dict[str, Any]:
@@ -244,6 +245,10 @@ class Master:
         if fw_id in self.orphans:
             self.frameworks[fw_id] = self.orphans.pop(fw_id)
         fw = self.frameworks.get(fw_id) if fw_id else None
+        if fw is not None and info.get("principal") != fw.info.get("principal"):
+            sub.send(error_event("Changing framework's principal is not allowed"))
+            sub.close()
+            return sub
         if fw is not None:
             old, fw.subscription = fw.subscription, None
             if old is not None and not old.closed:
@@ -416,6 +421,10 @@ class Master:
 
     def allocate_now(self) -> None:
         now = time.monotonic()
+        timeout = self.config.offer_timeout
+        if timeout is not None:
+            for offer in [o for o in self.offers.values() if now - o.created >= timeout]:
+                self._remove_offer(offer, rescind=True)
         for fw in self.frameworks.values():
             fw.filters = {k: f for k, f in fw.filters.items() if f.expires > now}
         if not self.leading:

@@ -66,6 +66,7 @@ class Offer:
     agent_id: str
     role: str
     resources: Resources
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass

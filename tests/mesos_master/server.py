@@ -43,6 +43,7 @@ class MesosMaster:
         credentials: dict[str, str] | None = None,
         work_dir: str | None = None,
         seed: int | None = None,
+        offer_timeout: float | None = None,
     ) -> None:
         specs = [AgentSpec() for _ in range(agents)] if isinstance(agents, int) else list(agents)
         self.config = MasterConfig(
@@ -55,6 +56,7 @@ class MesosMaster:
             allowed_roles=frozenset(allowed_roles) if allowed_roles is not None else None,
             hostname=host,
             seed=seed,
+            offer_timeout=offer_timeout,
         )
         self._own_work_dir = work_dir is None
         if work_dir is not None:
