@@ -245,3 +245,43 @@ async def test_silent_stream_is_dropped_after_missed_heartbeats() -> None:
             await until(lambda: connections >= 2, timeout=5)
     finally:
         server.close()
+
+
+async def test_zookeeper_url_finds_the_leader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zk://`` goes through kazoo (faked here: no ZooKeeper on this machine)."""
+    import kazoo.client
+
+    async with MesosMaster(agents=1, heartbeat_interval=0.5) as leader:
+        nodes = {
+            "json.info_0000000007": {"address": {"hostname": "127.0.0.1", "ip": "127.0.0.1",
+                                                 "port": leader.port}},
+            "json.info_0000000009": {"address": {"hostname": "127.0.0.1", "port": 1}},
+        }
+        asked: list[str] = []
+
+        class FakeKazoo:
+            def __init__(self, hosts: str, **_: Any) -> None:
+                asked.append(hosts)
+
+            def start(self, timeout: float) -> None:
+                pass
+
+            def get_children(self, path: str) -> list[str]:
+                assert path == "/mesos"
+                return [*nodes, "log_replicas"]
+
+            def get(self, path: str) -> tuple[bytes, None]:
+                return json.dumps(nodes[path.rsplit("/", 1)[1]]).encode(), None
+
+            def stop(self) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        monkeypatch.setattr(kazoo.client, "KazooClient", FakeKazoo)
+        rec = Recorder()
+        client = MesosClient("zk://zk1:2181,zk2:2181/mesos", rec, backoff_min=0.1)
+        async with running(client):
+            await until(lambda: rec.subscribed_ids)
+            assert client.base == leader.url and asked == ["zk1:2181,zk2:2181"]

@@ -52,6 +52,8 @@ PENDING, LAUNCHED = "PENDING", "LAUNCHED"
 def describe(status: dict[str, Any]) -> str:
     """A short human reason from a TaskStatus: state, Mesos reason and message."""
     text = status.get("state", "TASK_UNKNOWN")
+    if status.get("reason") == "REASON_RECONCILIATION":
+        return text + " (found by reconciliation)"
     if status.get("reason"):
         text += f" ({status['reason']})"
     if status.get("message"):
@@ -138,6 +140,7 @@ class MesosBackend(Backend):
         worker_death_timeout: float = 60.0,
         recover_timeout: float = 20.0,
         scheduler_attempts: int = 3,
+        reconcile_interval: float = 900.0,
         weights: dict[str, float] | None = None,
         roles: Sequence[str] = (),
         missed_heartbeats: float = 5,
@@ -154,6 +157,7 @@ class MesosBackend(Backend):
         self.idle_refuse_seconds = idle_refuse_seconds
         self.recover_timeout = recover_timeout
         self.scheduler_attempts = max(1, scheduler_attempts)
+        self.reconcile_interval = reconcile_interval
         self.weights = dict(weights or {})
         self.task_settings = TaskSettings(command=command, kill_grace=kill_grace,
                                           death_timeout=worker_death_timeout)
@@ -521,9 +525,17 @@ class MesosBackend(Backend):
 
     # -- Backend ---------------------------------------------------------------------------
 
+    async def _reconcile_periodically(self) -> None:
+        """Implicit reconciliation now and then catches tasks whose updates went missing."""
+        while True:
+            await asyncio.sleep(self.reconcile_interval)
+            if self._recovered and (self._reconciling is None or self._reconciling.done()):
+                await self._call("RECONCILE", {"tasks": []})
+
     async def open(self, events: BackendEvents) -> None:
         self._events = events
         self.client.start()
+        self._spawn(self._reconcile_periodically())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.client.subscribed.wait(), self.recover_timeout)
         if not self.client.subscribed.is_set():
