@@ -117,18 +117,34 @@ class MesosMasterProcess:
         """SIGTERM (the master kills its tasks), SIGKILL after `timeout`."""
         if self.proc is None:
             return None
+        groups: list[int] = []
         if self.proc.poll() is None:
+            groups = self._task_groups()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.returncode != 0:
+            # The master did not clean up after itself: kill its tasks' groups here.
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
         if self._pump is not None:
             self._pump.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+    def _task_groups(self) -> list[int]:
+        """Process groups of the master's live tasks (each task leads its own group)."""
+        try:
+            state = httpx.get(f"{self.url}/state", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return []
+        frameworks = state.get("frameworks", [])
+        return [t["pid"] for fw in frameworks for t in fw.get("tasks", []) if t.get("pid")]
 
     def __enter__(self) -> MesosMasterProcess:
         return self.start()
