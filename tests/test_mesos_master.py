@@ -640,3 +640,20 @@ async def test_offer_timeout_rescinds() -> None:
         await sub.call("ACCEPT", launch(offer, command_task("late", offer["agent_id"]["value"], "true")))
         late = await sub.update("late")
         assert late["state"] == "TASK_LOST" and late["reason"] == "REASON_INVALID_OFFERS"
+
+
+@pytest.mark.asyncio
+async def test_semantic_subscribe_refusals_are_error_events() -> None:
+    async with make_master(allowed_roles={"tenant-a"}) as master:
+        for info in (
+            framework_info(roles=["tenant-b"], capabilities=[{"type": "MULTI_ROLE"}]),
+            framework_info(roles=["bad role"], capabilities=[{"type": "MULTI_ROLE"}]),
+            framework_info(roles=["tenant-a"]),  # roles without MULTI_ROLE
+        ):
+            async with Subscriber(master.url, info) as sub:
+                assert sub.status_code == 200
+                event = await sub.next(heartbeats=True)
+                assert event["type"] == "ERROR" and event["error"]["message"]
+                await asyncio.wait_for(sub.closed.wait(), 5)
+                assert [e["type"] for e in sub.history] == ["ERROR"]
+        assert not master.master.frameworks
