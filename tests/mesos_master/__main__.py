@@ -22,6 +22,17 @@ def parse_ports(text: str) -> tuple[int, int]:
     return int(begin), int(end or begin)
 
 
+def split_ports(ports: tuple[int, int] | None, agents: int) -> list[tuple[int, int] | None]:
+    """All agents run on this one machine: give each its own slice of the range."""
+    if ports is None or agents <= 1:
+        return [ports] * agents
+    begin, end = ports
+    size = (end - begin + 1) // agents
+    if size < 1:
+        raise SystemExit(f"--agent-ports {begin}-{end} is too small for {agents} agents")
+    return [(begin + i * size, begin + (i + 1) * size - 1) for i in range(agents)]
+
+
 def parse_quota(text: str) -> tuple[str, dict[str, float]]:
     """`tenant-a:cpus=4,mem=8192`"""
     role, _, spec = text.partition(":")
@@ -48,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-mem", type=float, default=8192.0, help="MB")
     p.add_argument("--agent-disk", type=float, default=10240.0, help="MB")
     p.add_argument(
-        "--agent-ports", type=parse_ports, default=None, help="BEGIN-END for every agent (default: distinct per agent)"
+        "--agent-ports",
+        type=parse_ports,
+        default=None,
+        help="BEGIN-END, shared out among the agents so no two offer the same port (default: 31000+1000*i)",
     )
     p.add_argument("--no-processes", action="store_true", help="tasks run no process (benchmarks)")
     p.add_argument("--heartbeat", type=float, default=15.0, help="heartbeat interval, seconds")
@@ -76,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> None:
     agents = [
-        AgentSpec(cpus=args.agent_cpus, mem=args.agent_mem, disk=args.agent_disk, ports=args.agent_ports)
-        for _ in range(args.agents)
+        AgentSpec(cpus=args.agent_cpus, mem=args.agent_mem, disk=args.agent_disk, ports=ports)
+        for ports in split_ports(args.agent_ports, args.agents)
     ]
     master = MesosMaster(
         agents,
