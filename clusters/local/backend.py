@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from clusters.base import Backend, BackendEvents, ClusterSpec, LaunchError, SchedulerEndpoint
+from clusters.local.forkserver import default_launcher
 from clusters.local.procs import (
     ProcessRef,
     exit_reason,
@@ -27,7 +28,6 @@ from clusters.local.procs import (
     terminate,
     wait_exit,
 )
-from clusters.local.spawn import ProcessLauncher
 
 logger = logging.getLogger("provisioner.local")
 
@@ -76,9 +76,9 @@ class LocalBackend(Backend):
                  launcher: Launcher | None = None, worker_death_timeout: float = 60) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
-        self.launcher: Launcher = launcher or ProcessLauncher()
         self.worker_death_timeout = worker_death_timeout
         self.owner = owner_key(self.data_dir)
+        self.launcher: Launcher = launcher or default_launcher(self.owner, self.data_dir / "forkserver")
         self._clusters: dict[str, _Cluster] = {}
         self._events: BackendEvents | None = None
 
@@ -141,6 +141,9 @@ class LocalBackend(Backend):
     async def open(self, events: BackendEvents) -> None:
         self._events = events
         (self.data_dir / "clusters").mkdir(parents=True, exist_ok=True)
+        start = getattr(self.launcher, "start", None)  # a fork server warms up meanwhile
+        if start is not None:
+            await start()
 
     async def close(self, stop_clusters: bool) -> None:
         if stop_clusters:
