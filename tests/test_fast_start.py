@@ -1,0 +1,191 @@
+"""The fork-server fast path: isolation, exact environments, restart safety, clean-up, fallback.
+
+These check behaviour, not speed (``bench/start_latency.py`` measures speed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from clusters.base import ClusterSpec
+from clusters.local.backend import LocalBackend, owner_key
+from clusters.local.forkserver import ForkServerLauncher
+from clusters.local.procs import ProcessRef, is_alive, ref_for, terminate
+from clusters.local.spawn import ProcessLauncher
+from tests.service import MiB, ServiceProcess, tenant, wait_until
+
+MakeService = Callable[..., ServiceProcess]
+SECRET = "DASK_PROVISIONER_TEST_SECRET"
+
+
+def _zygotes(svc: ServiceProcess) -> list[int]:
+    """Fork servers of this service: marked as its own, running the zygote, not group leaders."""
+    marker = f"DASK_PROVISIONER_OWNER={owner_key(svc.data_dir)}:forkserver".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            if b"clusters.local.zygote" in cmdline and marker in environ \
+                    and os.getpgid(pid) != pid and ref_for(pid) is not None:
+                found.append(pid)
+    return found
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+
+
+def _create(svc: ServiceProcess, name: str, **body: Any) -> dict[str, Any]:
+    with svc.client(name) as http:
+        r = http.post("/clusters?wait=60", json=body)
+    assert r.status_code == 201 and r.json()["status"] == "running", r.text
+    return r.json()
+
+
+def _pids(c: dict[str, Any], workers: int = 1) -> tuple[int, list[int]]:
+    """Scheduler and worker pids as the cluster itself reports them."""
+    with Client(c["scheduler_address"], timeout=30) as client:
+        client.wait_for_workers(workers, timeout=60)
+        scheduler = client.run_on_scheduler(os.getpid)
+        workers_pids = sorted(client.run(os.getpid).values())
+    return scheduler, workers_pids
+
+
+@pytest.fixture
+def services(make_service: MakeService) -> Iterator[MakeService]:
+    """``make_service`` that also kills any fork server left behind, even if a test fails."""
+    made: list[ServiceProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> ServiceProcess:
+        svc = make_service(*args, **kwargs)
+        made.append(svc)
+        return svc
+
+    try:
+        yield make
+    finally:
+        for svc in made:
+            svc.cleanup()
+            for pid in _zygotes(svc):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_forked_processes_get_exactly_their_environment(services: MakeService) -> None:
+    svc = services([tenant("acme")], args=["--no-tls"], env={SECRET: "hunter2"}).start()
+    c = _create(svc, "acme", workers=1, env={
+        "TENANT_SETTING": "yes", "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
+    })
+    with Client(c["scheduler_address"], timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        worker_env = client.submit(lambda: dict(os.environ), pure=False).result(timeout=60)
+        scheduler_env = client.run_on_scheduler(lambda: dict(os.environ))
+        allowed = client.submit(
+            lambda: __import__("dask").config.get("distributed.scheduler.allowed-failures"),
+            pure=False,
+        ).result(timeout=60)
+        scheduler_pid = client.run_on_scheduler(os.getpid)
+
+    assert _parent(scheduler_pid) in _zygotes(svc), "the scheduler must come from the fork server"
+    # What LocalBackend.environment() computes (the test runs with the service's env minus SECRET).
+    spec = ClusterSpec(cluster_id=c["id"], tenant="acme", role="acme", worker_cores=1,
+                       worker_memory=512 * MiB, scheduler_cores=0.5, scheduler_memory=256 * MiB,
+                       env={"TENANT_SETTING": "yes",
+                            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7"})
+    backend = LocalBackend(svc.data_dir, launcher=ProcessLauncher())
+    assert worker_env == backend.environment(spec, worker=True)
+    assert scheduler_env == backend.environment(spec, worker=False)
+    assert SECRET not in worker_env and SECRET not in scheduler_env
+    assert allowed == 7, "Dask's config must be read again from the cluster's own environment"
+
+
+def test_clusters_are_distinct_sessions_and_survive_a_killed_service(services: MakeService) -> None:
+    svc = services([tenant("acme"), tenant("zeta")], args=["--no-tls"]).start()
+    clusters = [_create(svc, "acme", workers=1), _create(svc, "acme", workers=1),
+                _create(svc, "zeta", workers=2)]
+    pids = [_pids(c, workers=c["workers"]["requested"]) for c in clusters]
+    every = [p for sched, workers in pids for p in (sched, *workers)]
+    assert len(every) == len(set(every)) == 7, f"a process shared between clusters: {pids}"
+    for pid in every:
+        assert os.getpgid(pid) == pid and os.getsid(pid) == pid, "each leads its own session"
+    zygotes = _zygotes(svc)
+    assert len(zygotes) == 1
+    owned = {r.pid for r in svc.owned()}
+    assert set(every) <= owned, "the restart sweep must see forked processes as ours"
+    assert zygotes[0] not in owned, "the fork server is not a cluster process"
+
+    refs = [ref_for(p) for p in every]
+    svc.kill()
+    wait_until(lambda: not _zygotes(svc), timeout=10, what="the fork server to follow the service")
+    assert all(r is not None and is_alive(r) for r in refs), "clusters must outlive the service"
+
+    svc.start()
+    for c, (sched, workers) in zip(clusters, pids, strict=True):
+        with svc.client(c["tenant"]) as http:
+            assert http.get(f"/clusters/{c['id']}").json()["status"] == "running"
+        assert _pids(c, workers=len(workers)) == (sched, workers), "re-adopted, not restarted"
+    with Client(clusters[0]["scheduler_address"], timeout=30) as client:
+        assert client.submit(lambda: 6 * 7).result(timeout=60) == 42
+
+    for c in clusters:
+        with svc.client(c["tenant"]) as http:
+            assert http.delete(f"/clusters/{c['id']}").status_code == 200
+    for c in clusters:
+        with svc.client(c["tenant"]) as http:
+            wait_until(lambda c=c, http=http: http.get(f"/clusters/{c['id']}").json()["status"]
+                       == "stopped", what="cluster stopped")
+    wait_until(lambda: not any(r is not None and is_alive(r) for r in refs), timeout=15,
+               what="every cluster process gone")
+    assert svc.signal(signal.SIGTERM) == 0
+    wait_until(lambda: not _zygotes(svc) and not svc.owned(), timeout=15,
+               what="no fork server and no cluster process after shutdown")
+
+
+async def test_launcher_falls_back_to_spawning(tmp_path: Path) -> None:
+    """A fork server that does not come up in time costs speed, not clusters."""
+    launcher = ForkServerLauncher("test", tmp_path / "fs", start_timeout=0.001)
+    env = {"PATH": os.defpath, "HOME": str(tmp_path)}
+    ref: ProcessRef | None = None
+    try:
+        ref, info = await launcher.launch("scheduler", {"host": "127.0.0.1", "port": 0}, env,
+                                          tmp_path / "scheduler.log")
+        assert info["address"].startswith("tcp://127.0.0.1:")
+        assert _parent(ref.pid) == os.getpid(), "spawned by us, not forked by a fork server"
+        assert launcher.zygote_pid is None
+    finally:
+        if ref is not None:
+            await terminate(ref, grace=2)
+        await launcher.close()
+    assert not any(b"clusters.local.zygote" in _cmdline(p) for p in _children())
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, StopIteration):
+                if _parent(int(entry.name)) == me:
+                    out.append(int(entry.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+    return b""
