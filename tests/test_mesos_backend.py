@@ -163,7 +163,7 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     # Nothing pending: the framework stops asking for offers.
     wait_until(lambda: framework(master)["suppressed_roles"] == ["acme"], what="suppressed")
 
-    idle = create(svc, "acme", workers=0, idle_timeout=3)
+    idle = create(svc, "acme", workers=0, idle_timeout=3, image="ghcr.io/dask/dask:2026.8.0")
     reaped = wait_until(lambda: status_is(svc, "acme", idle["id"], "stopped"), timeout=60,
                         what="idle reap")
     assert reaped["stop_reason"] == "idle"

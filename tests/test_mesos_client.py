@@ -14,7 +14,7 @@ from clusters.mesos.client import CallError, MesosClient, redirect_base
 from clusters.mesos.detector import Detector, address_from_info, leader_from_children, normalise
 from clusters.mesos.offers import OfferPool, match
 from clusters.mesos.recordio import RecordIODecoder, RecordIOError, encode
-from clusters.mesos.tasks import TaskRequest, mesos_cpus, mesos_mem
+from clusters.mesos.tasks import OPTIONS_VAR, TaskRequest, TaskSettings, mesos_cpus, mesos_mem, task_info
 from tests.mesos_master import MesosMaster
 
 # -- RecordIO ----------------------------------------------------------------------------------
@@ -106,6 +106,24 @@ def test_match_serves_roles_by_weighted_dominant_share() -> None:
     # A role only ever uses offers made to it.
     placed = match([OfferPool.parse(offer("oa", "a", 8, 8192))], [request("b1", "b")], {})
     assert placed == []
+
+
+def test_task_info_is_a_command_task_with_options_in_the_environment() -> None:
+    req = TaskRequest("c1-wabc", "c1", "acme", "worker", "acme", 1, 512,
+                      {"address": "tls://h:1", "name": "c1-wabc", "credentials": {"key": "SECRET"}},
+                      env={"A": "1"}, image="ghcr.io/acme/dask:1")
+    resources = [{"name": "cpus", "type": "SCALAR", "scalar": {"value": 1}, "role": "*"}]
+    info = task_info(req, "agent-1", "host-1", resources, [31007],
+                     TaskSettings(command="python3 -m clusters.runner", kill_grace=3))
+    assert info["task_id"] == {"value": "c1-wabc"} and info["agent_id"] == {"value": "agent-1"}
+    assert info["command"]["value"] == f"exec python3 -m clusters.runner worker env:{OPTIONS_VAR}"
+    assert "SECRET" not in info["command"]["value"]
+    env = {v["name"]: v["value"] for v in info["command"]["environment"]["variables"]}
+    options = json.loads(env[OPTIONS_VAR])
+    assert options["host"] == "host-1" and options["port"] == 31007 and env["A"] == "1"
+    assert info["kill_policy"] == {"grace_period": {"nanoseconds": 3_000_000_000}}
+    assert info["container"] == {"type": "MESOS", "mesos": {"image": {
+        "type": "DOCKER", "docker": {"name": "ghcr.io/acme/dask:1"}}}}
 
 
 def test_units() -> None:
