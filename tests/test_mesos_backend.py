@@ -8,6 +8,7 @@ outlives a test, failed or not. Heartbeats and allocation are fast to keep tests
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -16,12 +17,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
 from distributed import Client
 
-from tests.mesos_master import MesosMasterProcess
+from clusters.base import ClusterSpec, LaunchError
+from clusters.mesos import MesosBackend
+from tests.mesos_master import AgentSpec, MesosMaster, MesosMasterProcess
 from tests.service import GiB, ServiceProcess, tenant, wait_until
 
 MakeService = Callable[..., ServiceProcess]
@@ -335,3 +339,120 @@ def test_dropped_stream_resubscribes_and_carries_on(mesos: MakeMaster,
     scale(svc, "acme", c["id"], 1)
     wait_until(lambda: len(tasks(master, f"{c['id']}-w")) == 1, what="scaled down")
     assert get(svc, "acme", c["id"])["status"] == "running"
+
+
+# -- the backend in-process, tasks without processes: bookkeeping edge cases -------------------
+
+
+class Events:
+    """Records what the backend reports to the core."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+        self.schedulers_lost: list[tuple[str, str]] = []
+        self.workers_lost: list[tuple[str, str, str]] = []
+
+    async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
+        self.states[cluster_id] = state
+
+    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
+        self.schedulers_lost.append((cluster_id, reason))
+
+    async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
+        self.workers_lost.append((cluster_id, name, reason))
+
+
+def spec(cluster_id: str = "c1", role: str = "acme") -> ClusterSpec:
+    return ClusterSpec(cluster_id, role, role, worker_cores=1, worker_memory=512 * 2**20,
+                       scheduler_cores=0.5, scheduler_memory=256 * 2**20)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {check}")
+
+
+def task_states(master: MesosMaster) -> dict[str, str]:
+    state = master.state()
+    found = {t["task_id"]: t["state"] for t in state["completed_tasks"]}
+    for fw in state["frameworks"]:
+        found.update({t["task_id"]: t["state"] for t in fw["tasks"]})
+    return found
+
+
+def backend_for(master: MesosMaster, data_dir: Path, **options: Any) -> MesosBackend:
+    settings = {"kill_grace": 0.5, "recover_timeout": 3, "backoff_max": 1}
+    return MesosBackend(master.address, data_dir=data_dir, **{**settings, **options})
+
+
+async def test_backend_acks_kills_and_restarts_without_teardown(tmp_path: Path) -> None:
+    async with MesosMaster(agents=1, heartbeat_interval=0.5, allocation_interval=0.1,
+                           run_processes=False, update_retry_interval=1) as master:
+        events = Events()
+        backend = backend_for(master, tmp_path)
+        try:
+            await backend.open(events)
+            assert await backend.recover([]) == {}
+            await backend.start_workers(spec(), "tcp://127.0.0.1:1", ["c1-w1", "c1-w2"])
+            fw_id = backend.client.framework_id
+            assert (tmp_path / "mesos-framework-id").read_text().strip() == fw_id
+            await eventually(lambda: task_states(master).get("c1-w1") == "TASK_RUNNING"
+                             and task_states(master).get("c1-w2") == "TASK_RUNNING")
+            # Every update with a uuid is acknowledged: nothing waits for a retry.
+            await eventually(lambda: all(t["pending_updates"] == 0
+                                         for t in master.state()["frameworks"][0]["tasks"]))
+            assert set(events.states["c1"]["workers"]) == {"c1-w1", "c1-w2"}
+            await eventually(lambda: master.state()["frameworks"][0]["suppressed_roles"] == ["acme"])
+
+            await backend.stop_workers("c1", ["c1-w1"])
+            await eventually(lambda: task_states(master).get("c1-w1") == "TASK_KILLED")
+            await eventually(lambda: "c1-w1" not in events.states["c1"]["workers"])
+            assert backend.live_workers("c1") == {"c1-w2"} and events.workers_lost == []
+        finally:
+            await backend.close(stop_clusters=False)
+        # No TEARDOWN: the framework waits for its failover, its task keeps running.
+        await eventually(lambda: not master.state()["frameworks"][0]["connected"])
+        assert master.state()["frameworks"][0]["id"] == fw_id
+        assert task_states(master)["c1-w2"] == "TASK_RUNNING"
+
+        # A restart whose records no longer name c1-w2: same framework, stray task killed.
+        again = backend_for(master, tmp_path)
+        try:
+            await again.open(Events())
+            assert again.client.framework_id == fw_id
+            assert await again.recover([(spec(), {"scheduler": None, "workers": {}})]) == {
+                "c1": "no scheduler task"}
+            await eventually(lambda: task_states(master)["c1-w2"] == "TASK_KILLED")
+        finally:
+            await again.close(stop_clusters=False)
+        assert master.state()["frameworks"][0]["id"] == fw_id
+
+
+async def test_backend_stop_while_waiting_for_offers_and_teardown(tmp_path: Path) -> None:
+    async with MesosMaster(agents=[AgentSpec(cpus=0.25, mem=128)], heartbeat_interval=0.5,
+                           allocation_interval=0.1, run_processes=False) as master:
+        events = Events()
+        backend = backend_for(master, tmp_path, teardown_on_close=True)
+        try:
+            await backend.open(events)
+            await backend.recover([])
+            starting = asyncio.create_task(backend.start_scheduler(spec()))
+            await eventually(lambda: master.state()["frameworks"][0]["roles"] == ["acme"])
+            await asyncio.sleep(0.5)  # offers come and go: the scheduler does not fit
+            assert not starting.done()
+            await backend.stop_cluster("c1")
+            with pytest.raises(LaunchError):
+                await starting
+            assert events.states["c1"] == {"scheduler": None, "workers": {}}
+            await eventually(lambda: master.state()["frameworks"][0]["suppressed_roles"] == ["acme"])
+            assert task_states(master) == {}
+            fw_id = backend.client.framework_id
+        finally:
+            await backend.close(stop_clusters=True)
+        # Asked for explicitly: TEARDOWN removes the framework, and the id file goes.
+        assert fw_id in master.state()["removed_frameworks"]
+        assert not (tmp_path / "mesos-framework-id").exists()
