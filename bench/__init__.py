@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): start latency against dask-gateway, control-plane scale."""

@@ -1,0 +1,275 @@
+"""Start latency: dask-provisioner against dask-gateway (local backend), in the same run.
+
+For each system, after a warm-up, runs alternate between the two (so load on the machine
+hits both alike) and time, from the create call:
+
+* ``task``: one worker requested -> a Client is connected and has computed one task;
+* ``two_workers``: two workers requested -> a Client sees both connected;
+* ``scheduler``: the create call returning with a running scheduler (for reference).
+
+Then 20 clusters are created at once on our service while ``GET /healthz`` is polled, to show
+the event loop never blocks. Prints medians, p95 and our/their ratios; writes JSON.
+
+    python -m bench.start_latency --runs 10 --out bench/results/start_latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import distributed
+import httpx
+from distributed import Client
+from distributed.security import Security
+
+from bench.harness import GATEWAY_PASSWORD, TOKEN, gateway_server, our_service
+
+SCENARIOS = ("task", "two_workers", "scheduler")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values) if values else float("nan"),
+            "p95": percentile(values, 0.95), "min": min(values, default=float("nan")),
+            "max": max(values, default=float("nan")), "runs": [round(v, 4) for v in values]}
+
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
+class Ours:
+    """One run on dask-provisioner: REST create (waiting until running), then a Client."""
+
+    name = "dask-provisioner"
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=60,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+
+    def _security(self, cluster: dict[str, Any]) -> Security | None:
+        if not cluster.get("tls"):
+            return None
+        creds = self.http.get(f"/clusters/{cluster['id']}/credentials").json()
+        return Security(tls_ca_file=creds["tls_ca"], tls_client_cert=creds["tls_cert"],
+                        tls_client_key=creds["tls_key"], require_encryption=True)
+
+    def run(self, workers: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        response = self.http.post("/clusters", params={"wait": 60}, json={"workers": workers})
+        response.raise_for_status()
+        cluster = response.json()
+        running = time.perf_counter() - t0
+        try:
+            if cluster["status"] != "running":
+                raise RuntimeError(f"cluster not running: {cluster}")
+            with Client(cluster["scheduler_address"], security=self._security(cluster),
+                        timeout=30) as client:
+                if workers == 1:
+                    assert client.submit(_inc, 1, pure=False).result() == 2
+                else:
+                    client.wait_for_workers(workers, timeout=60)
+                done = time.perf_counter() - t0
+        finally:
+            self.http.delete(f"/clusters/{cluster['id']}")
+            _wait(lambda: self.http.get(f"/clusters/{cluster['id']}").json()["status"]
+                  in ("stopped", "failed"))
+        return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class Gateway:
+    """One run on dask-gateway: new_cluster, scale, get_client (as its docs show)."""
+
+    name = "dask-gateway"
+
+    def __init__(self, url: str, proxy: str) -> None:
+        from dask_gateway import BasicAuth
+        from dask_gateway import Gateway as GatewayClient
+
+        self.gateway = GatewayClient(url, proxy_address=proxy,
+                                     auth=BasicAuth("bench", GATEWAY_PASSWORD))
+
+    def run(self, workers: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        cluster = self.gateway.new_cluster()
+        running = time.perf_counter() - t0
+        try:
+            cluster.scale(workers)
+            with cluster.get_client(set_as_default=False) as client:
+                if workers == 1:
+                    assert client.submit(_inc, 1, pure=False).result() == 2
+                else:
+                    client.wait_for_workers(workers, timeout=60)
+                done = time.perf_counter() - t0
+        finally:
+            cluster.shutdown()
+        return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
+
+    def close(self) -> None:
+        self.gateway.close()
+
+
+def _wait(check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def measure(systems: list[Any], runs: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Alternate systems run by run; return each system's timings per scenario."""
+    results: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in SCENARIOS}
+                                                  for s in systems}
+    for i in range(warmup + runs):
+        for workers in (1, 2):
+            for system in systems:
+                timings = system.run(workers)
+                if i >= warmup:
+                    for key, value in timings.items():
+                        if key == "scheduler" and workers == 2:
+                            continue  # one scheduler figure per run is enough
+                        results[system.name][key].append(value)
+                label = "warm-up" if i < warmup else f"run {i - warmup + 1}/{runs}"
+                shown = " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
+                print(f"  {label:12} {system.name:17} workers={workers} {shown}", flush=True)
+    return results
+
+
+@contextlib.contextmanager
+def _probe(url: str, interval: float = 0.005) -> Iterator[list[float]]:
+    """Poll GET /healthz from a separate process while the block runs; yields the latencies."""
+    latencies: list[float] = []
+    probe = subprocess.Popen([sys.executable, "-m", "bench.healthz_probe", url, str(interval)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        yield latencies
+    finally:
+        out, _ = probe.communicate(b"", timeout=60)
+        latencies.extend(latency for _, latency in json.loads(out or b"[]"))
+
+
+def healthz_under_load(url: str, clusters: int = 20) -> dict[str, Any]:
+    """Create ``clusters`` clusters at once (one worker each) and watch /healthz meanwhile."""
+    http = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
+    ids: list[str] = []
+    try:
+        with _probe(url) as latencies:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clusters) as pool:
+                created = list(pool.map(
+                    lambda _: http.post("/clusters", json={"workers": 1}).json(), range(clusters)
+                ))
+            ids = [c["id"] for c in created]
+
+            def all_up() -> bool:
+                listed = http.get("/clusters", params={"status": "running"}).json()["clusters"]
+                up = [c for c in listed if c["id"] in ids and c["workers"]["running"] >= 1]
+                return len(up) == len(ids)
+
+            _wait(all_up, timeout=120)
+            elapsed = time.perf_counter() - t0
+    finally:
+        for cid in ids:
+            http.delete(f"/clusters/{cid}")
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: not http.get("/clusters", params={"status": "running"}).json()["clusters"]
+                  and not http.get("/clusters", params={"status": "stopping"}).json()["clusters"])
+        http.close()
+    return {"clusters": clusters, "all_running_with_a_worker_s": elapsed,
+            "healthz_requests": len(latencies),
+            "healthz_p50_ms": percentile(latencies, 0.5) * 1000,
+            "healthz_p99_ms": percentile(latencies, 0.99) * 1000,
+            "healthz_max_ms": max(latencies) * 1000}
+
+
+def report(results: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: {k: summary(v) for k, v in per.items()}
+                           for name, per in results.items()}
+    if "dask-gateway" in out:
+        out["ratio_gateway_over_ours"] = {
+            k: out["dask-gateway"][k]["median"] / out["dask-provisioner"][k]["median"]
+            for k in SCENARIOS
+        }
+    print(f"\n{'scenario':14}{'system':18}{'median':>9}{'p95':>9}{'min':>9}{'max':>9}")
+    for k in SCENARIOS:
+        for name in results:
+            s = out[name][k]
+            print(f"{k:14}{name:18}{s['median']:9.3f}{s['p95']:9.3f}{s['min']:9.3f}{s['max']:9.3f}")
+        if "ratio_gateway_over_ours" in out:
+            print(f"{'':14}{'gateway/ours':18}{out['ratio_gateway_over_ours'][k]:8.1f}x")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/start_latency.json"))
+    parser.add_argument("--no-gateway", action="store_true", help="measure our service only")
+    parser.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
+                        help="our local launcher: the fork server (default) or plain spawn")
+    parser.add_argument("--no-tls", action="store_true", help="our clusters without TLS")
+    parser.add_argument("--load-clusters", type=int, default=20,
+                        help="clusters started at once for the /healthz measurement (0: skip)")
+    args = parser.parse_args(argv)
+
+    env = {"PROVISIONER_LOCAL_LAUNCHER": args.launcher}
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(our_service(["--no-tls"] if args.no_tls else [], env))
+        systems: list[Any] = [Ours(url)]
+        if not args.no_gateway:
+            gw_url, gw_proxy = stack.enter_context(gateway_server())
+            systems.append(Gateway(gw_url, gw_proxy))
+        time.sleep(2)  # let both finish starting (our fork server imports distributed)
+        print(f"start latency: {args.runs} runs after {args.warmup} warm-up, "
+              f"launcher={args.launcher}, tls={not args.no_tls}", flush=True)
+        results = measure(systems, args.runs, args.warmup)
+        out = report(results)
+        if args.load_clusters:
+            print(f"\n{args.load_clusters} clusters at once, GET /healthz meanwhile ...", flush=True)
+            load = healthz_under_load(url, args.load_clusters)
+            out["healthz_under_load"] = load
+            print(f"  all running with a worker after {load['all_running_with_a_worker_s']:.2f}s; "
+                  f"/healthz p50 {load['healthz_p50_ms']:.1f} ms, p99 {load['healthz_p99_ms']:.1f} ms, "
+                  f"max {load['healthz_max_ms']:.1f} ms over {load['healthz_requests']} requests")
+        for system in systems:
+            system.close()
+    out["setup"] = {
+        "runs": args.runs, "warmup": args.warmup, "launcher": args.launcher,
+        "tls": not args.no_tls, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "distributed": distributed.__version__, "platform": platform.platform(),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.start_latency", *sys.argv[1:]]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
