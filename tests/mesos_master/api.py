@@ -127,6 +127,8 @@ class MasterAPI:
         if ctype_call == "SUBSCRIBE":
             if not accepts(request):
                 return Response.text(406, f"Expecting 'Accept' to allow '{JSON}' or '{PROTOBUF}'")
+            if not accepts(request, (JSON,)):  # a real master would stream protobuf here
+                return Response.text(406, "This test master only streams application/json")
             if request.header("mesos-stream-id") is not None:
                 return Response.text(400, "Subscribe calls should not include the 'Mesos-Stream-Id' header")
             return master.subscribe(call).response()
