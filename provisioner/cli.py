@@ -127,8 +127,11 @@ def serve(
     # in place that ends the process with status 0 instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
+    # The standard asyncio loop, not uvloop: process exits are watched with pidfds on the
+    # loop, and uvloop (libuv) defers closing a poll handle, so a new pidfd that reuses the
+    # number of one just closed can lose its registration and its exit is never seen.
     uvicorn.run(create_app(provisioner), host=settings.host, port=settings.port,
-                log_level=log_level.lower(), timeout_graceful_shutdown=30)
+                log_level=log_level.lower(), timeout_graceful_shutdown=30, loop="asyncio")
 
 
 @app.command()

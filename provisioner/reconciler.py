@@ -178,9 +178,9 @@ class ClusterRunner:
                 await self._follower
             self._follower = None
         if self.link is not None:
+            link, self.link = self.link, None
             with contextlib.suppress(Exception):
-                await self.link.close()
-            self.link = None
+                await asyncio.wait_for(link.close(), 5)
 
     async def _on_report(self, report: dict[str, Any]) -> None:
         self.report = report
@@ -349,17 +349,16 @@ class Reconciler:
             await self.records.update(cluster_id, backend_state=state)
 
     async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
-        runner = self.runners.get(cluster_id)
         record = self.records.cached(cluster_id)
         if record is None or record.status.terminal or record.status == Status.STOPPING:
             return
-        if runner is not None:
-            runner.task.cancel()
-            with contextlib.suppress(BaseException):
-                await runner.task
-        await self.backend.stop_cluster(cluster_id)
+        # Record the failure first: whatever the runner is doing, it finds a terminal record.
         await self.records.update(cluster_id, status=Status.FAILED,
                                   stop_reason=f"failed: {reason}", workers_running=0)
+        runner = self.runners.get(cluster_id)
+        if runner is not None:
+            runner.task.cancel()
+        await self.backend.stop_cluster(cluster_id)
 
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         runner = self.runners.get(cluster_id)

@@ -10,16 +10,20 @@ import pytest
 
 from tests.service import GiB, ServiceProcess, tenant
 
+SERVICE_SECRET = "hunter2-do-not-leak"
+
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The shared service: tenants alpha and beta (roomy) and tight (small quota)."""
     tenants = [
-        tenant("alpha", cores=8, memory=16 * GiB, clusters=6),
+        tenant("alpha", cores=8, memory=16 * GiB, clusters=6, env={"TEAM": "alpha"}),
         tenant("beta", cores=4, memory=8 * GiB, clusters=3),
         tenant("tight", cores=3, memory=4 * GiB, clusters=2, workers_per_cluster=4),
     ]
-    svc = ServiceProcess(tmp_path_factory.mktemp("service"), tenants)
+    # A secret in the service's own environment: cluster processes must never see it.
+    svc = ServiceProcess(tmp_path_factory.mktemp("service"), tenants,
+                         env={"SERVICE_SECRET": SERVICE_SECRET})
     try:
         yield svc.start()
     finally:

@@ -1,0 +1,58 @@
+"""Real kills: a worker is replaced, a dead scheduler fails its cluster and releases its quota."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from distributed import Client
+
+from clusters.local.procs import is_alive
+from tests.service import ServiceProcess, wait_until
+
+
+def test_killed_worker_is_replaced(service: ServiceProcess) -> None:
+    with service.client("alpha") as http:
+        c = http.post("/clusters?wait=60", json={"workers": 2, "project": "faults"}).json()
+        cid = c["id"]
+        try:
+            procs = wait_until(lambda: (p := service.processes_of(cid)) and len(p) == 3 and p,
+                               what="scheduler and two workers")
+            with Client(c["scheduler_address"], security=service.security("alpha", cid),
+                        timeout=30) as client:
+                client.wait_for_workers(2, timeout=60)
+                before = {w["name"] for w in client.scheduler_info()["workers"].values()}
+                victim = procs[1]  # a worker (the scheduler is recorded first)
+                os.kill(victim.pid, signal.SIGKILL)
+                wait_until(lambda: not is_alive(victim), what="victim gone")
+                after = wait_until(
+                    lambda: (n := {w["name"] for w in client.scheduler_info()["workers"].values()})
+                    and len(n) == 2 and n != before and n,
+                    what="replacement worker")
+                assert len(after & before) == 1
+                assert client.submit(sum, [1, 1]).result(timeout=60) == 2
+            assert http.get(f"/clusters/{cid}").json()["status"] == "running"
+        finally:
+            http.delete(f"/clusters/{cid}")
+
+
+def test_killed_scheduler_fails_the_cluster_and_releases_quota(service: ServiceProcess) -> None:
+    with service.client("beta") as http:
+        base = http.get("/tenants/me").json()["usage"]
+        c = http.post("/clusters?wait=60", json={"workers": 1, "project": "faults"}).json()
+        cid = c["id"]
+        try:
+            procs = wait_until(lambda: (p := service.processes_of(cid)) and len(p) == 2 and p,
+                               what="scheduler and worker")
+            assert http.get("/tenants/me").json()["usage"]["clusters"] == base["clusters"] + 1
+            os.kill(procs[0].pid, signal.SIGKILL)
+            final = wait_until(lambda: (x := http.get(f"/clusters/{cid}").json())["status"] == "failed"
+                               and x, what="failed")
+            assert final["stop_reason"].startswith("failed: scheduler")
+            assert "SIGKILL" in final["stop_reason"] or "exited" in final["stop_reason"]
+            wait_until(lambda: not any(is_alive(p) for p in procs), what="worker stopped")
+            assert http.get("/tenants/me").json()["usage"] == base
+            r = http.post(f"/clusters/{cid}/scale", json={"workers": 2})
+            assert r.status_code == 409
+        finally:
+            http.delete(f"/clusters/{cid}")

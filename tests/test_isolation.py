@@ -1,0 +1,135 @@
+"""Tenants cannot reach each other: per-cluster TLS, and no leak of the service's environment."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from distributed import Client, Worker
+from distributed.security import Security
+
+from tests.conftest import SERVICE_SECRET
+from tests.service import ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def two_clusters(service: ServiceProcess) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """A cluster of alpha (with its own env) and one of beta, both running with a worker."""
+    with service.client("alpha") as a, service.client("beta") as b:
+        ca = a.post("/clusters?wait=60", json={"workers": 1, "env": {"MODEL": "v3"}}).json()
+        cb = b.post("/clusters?wait=60", json={"workers": 1}).json()
+        try:
+            assert ca["status"] == cb["status"] == "running"
+            yield ca, cb
+        finally:
+            a.delete(f"/clusters/{ca['id']}")
+            b.delete(f"/clusters/{cb['id']}")
+
+
+def _environ() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def test_processes_get_the_tenants_environment_only(
+    service: ServiceProcess, two_clusters: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    ca, _ = two_clusters
+    with Client(ca["scheduler_address"], security=service.security("alpha", ca["id"]),
+                timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        worker_env = client.submit(_environ, pure=False).result(timeout=60)
+        scheduler_env = client.run_on_scheduler(_environ)
+    for env in (worker_env, scheduler_env):
+        assert env["TEAM"] == "alpha" and env["MODEL"] == "v3"
+        leaked = [k for k, v in env.items() if SERVICE_SECRET in v or k == "SERVICE_SECRET"]
+        assert not leaked, leaked
+        assert not any(k.startswith("PROVISIONER_") for k in env)
+        assert str(service.data_dir / "provisioner.db") not in " ".join(env.values())
+
+
+def test_no_credentials_or_another_clusters_credentials_cannot_connect(
+    service: ServiceProcess, two_clusters: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    ca, cb = two_clusters
+    own = service.security("alpha", ca["id"])
+    other = service.security("beta", cb["id"])
+    assert own is not None and other is not None
+    with pytest.raises((OSError, TypeError)):  # distributed refuses tls:// without a context
+        Client(ca["scheduler_address"], timeout=3)
+    # Below distributed: a TLS handshake that trusts the cluster's CA but shows no client
+    # certificate is rejected by the scheduler.
+    host, port = ca["scheduler_address"].removeprefix("tls://").rsplit(":", 1)
+    with service.client("alpha") as http:
+        ca_pem = http.get(f"/clusters/{ca['id']}/credentials").json()["tls_ca"]
+    context = ssl.create_default_context(cadata=ca_pem)
+    context.check_hostname = False
+    with pytest.raises((ssl.SSLError, OSError)):
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(b"hello")
+                assert tls.recv(1) != b""  # the server closes: no client certificate
+    with pytest.raises(OSError):
+        Client(ca["scheduler_address"].replace("tls://", "tcp://"), timeout=3)
+    with pytest.raises(OSError):
+        Client(ca["scheduler_address"], security=other, timeout=3)
+    self_signed = Security.temporary()
+    with pytest.raises(OSError):
+        Client(ca["scheduler_address"], security=self_signed, timeout=3)
+    with Client(ca["scheduler_address"], security=own, timeout=30) as client:
+        assert client.submit(sum, [2, 3]).result(timeout=60) == 5
+
+
+def test_a_worker_of_one_cluster_cannot_join_another(
+    service: ServiceProcess, two_clusters: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    ca, cb = two_clusters
+    with service.client("beta") as http:
+        creds = http.get(f"/clusters/{cb['id']}/credentials").json()
+    # Everything a holder of beta's credentials could present, in every role.
+    beta_security = Security(
+        tls_ca_file=creds["tls_ca"], require_encryption=True,
+        **{f"tls_{role}_{part}": creds[f"tls_{part}"]
+           for role in ("worker", "client", "scheduler") for part in ("cert", "key")},
+    )
+
+    async def join() -> None:
+        worker = Worker(ca["scheduler_address"], security=beta_security, nthreads=1,
+                        death_timeout=3, name="intruder")
+        try:
+            await worker
+        finally:
+            await worker.close()
+
+    with pytest.raises((OSError, TimeoutError, RuntimeError)) as info:
+        asyncio.run(join())
+    chain, exc = [], info.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert any(isinstance(e, (OSError, TimeoutError)) for e in chain), chain
+    with Client(ca["scheduler_address"], security=service.security("alpha", ca["id"]),
+                timeout=30) as client:
+        names = {w["name"] for w in client.scheduler_info()["workers"].values()}
+        assert "intruder" not in names and len(names) == 1
+
+
+def test_credentials_are_only_given_to_the_owner(
+    service: ServiceProcess, two_clusters: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    ca, _ = two_clusters
+    with service.client("beta") as http:
+        assert http.get(f"/clusters/{ca['id']}/credentials").status_code == 404
+    with service.client("alpha") as http:
+        creds = http.get(f"/clusters/{ca['id']}/credentials").json()
+        assert creds["tls_ca"].startswith("-----BEGIN CERTIFICATE-----")
+        assert "PRIVATE KEY" in creds["tls_key"]
+        # The cluster JSON never carries key material or tokens.
+        listing = http.get("/clusters").text
+        assert "PRIVATE KEY" not in listing and "token-alpha" not in listing
+    log = service.log.read_text()
+    assert "token-alpha" not in log and "token-beta" not in log
