@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.postgres import PostgresServer
 from tests.service import GiB, ServiceProcess, tenant
 
 SERVICE_SECRET = "hunter2-do-not-leak"
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def state_db() -> Iterator[Callable[[], str | None]]:
+    """Where services keep state: SQLite files, or with PROVISIONER_TEST_DB=postgresql a
+    database on a PostgreSQL server these tests start themselves (one database per service)."""
+    if os.environ.get("PROVISIONER_TEST_DB", "sqlite") != "postgresql":
+        yield lambda: None
+        return
+    server = PostgresServer().start()
+    try:
+        yield server.new_database
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory,
+            state_db: Callable[[], str | None]) -> Iterator[ServiceProcess]:
     """The shared service: tenants alpha and beta (roomy) and tight (small quota)."""
     tenants = [
         tenant("alpha", cores=8, memory=16 * GiB, clusters=6, env={"TEAM": "alpha"}),
@@ -23,7 +40,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     ]
     # A secret in the service's own environment: cluster processes must never see it.
     svc = ServiceProcess(tmp_path_factory.mktemp("service"), tenants,
-                         env={"SERVICE_SECRET": SERVICE_SECRET})
+                         env={"SERVICE_SECRET": SERVICE_SECRET}, state=state_db())
     try:
         yield svc.start()
     finally:
@@ -31,7 +48,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
 
 
 @pytest.fixture
-def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+def make_service(tmp_path: Path,
+                 state_db: Callable[[], str | None]) -> Iterator[Callable[..., ServiceProcess]]:
     """A factory for services of a test's own (restarts, kills); all cleaned up after."""
     made: list[ServiceProcess] = []
 
@@ -39,7 +57,7 @@ def make_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
              env: dict[str, str] | None = None, workdir: Path | None = None) -> ServiceProcess:
         directory = workdir or tmp_path / f"svc{len(made)}"
         directory.mkdir(exist_ok=True)
-        svc = ServiceProcess(directory, tenants, args=args, env=env)
+        svc = ServiceProcess(directory, tenants, args=args, env=env, state=state_db())
         made.append(svc)
         return svc
 

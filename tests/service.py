@@ -54,14 +54,16 @@ def tenant(name: str, cores: float = 6, memory: int = 8 * GiB, clusters: int = 4
 
 class ServiceProcess:
     def __init__(self, workdir: Path, tenants: list[dict[str, Any]] | None,
-                 args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 args: list[str] | None = None, env: dict[str, str] | None = None,
+                 state: str | None = None) -> None:
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.tenants_file: Path | None = None
         if tenants is not None:
             self.tenants_file = workdir / "tenants.yaml"
             self.tenants_file.write_text(yaml.safe_dump({"tenants": tenants}))
-        self.args = args or []
+        self.state = state or f"sqlite:///{self.data_dir / 'provisioner.db'}"
+        self.args = [*(args or []), "--state", self.state]
         self.env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -111,17 +113,25 @@ class ServiceProcess:
 
     def processes_of(self, cluster_id: str) -> list[ProcessRef]:
         """Live processes of ``cluster_id``, as the service recorded them in its database."""
-        import sqlite3
-
-        with contextlib.closing(sqlite3.connect(self.data_dir / "provisioner.db")) as db:
-            row = db.execute("select backend_state from clusters where id = ?",
-                             (cluster_id,)).fetchone()
-        state = json.loads(row[0]) if row else {}
+        row = self.sql("select backend_state from clusters where id = :id", id=cluster_id)
+        state = (json.loads(row[0][0]) if isinstance(row[0][0], str) else row[0][0]) if row else {}
         refs = []
         if state.get("scheduler"):
             refs.append(ProcessRef.from_dict(state["scheduler"]))
         refs += [ProcessRef.from_dict(w) for w in (state.get("workers") or {}).values()]
         return [r for r in refs if is_alive(r)]
+
+    def sql(self, statement: str, **params: Any) -> list[Any]:
+        """Run one statement on the service's state database (to inspect or to break it)."""
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.state)
+        try:
+            with engine.begin() as conn:
+                result = conn.execute(sa.text(statement), params)
+                return list(result) if result.returns_rows else []
+        finally:
+            engine.dispose()
 
     def security(self, name: str, cluster_id: str) -> Any:
         """The Security a tenant's notebook would use for this cluster (None without TLS)."""

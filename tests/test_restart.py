@@ -115,11 +115,8 @@ def test_strays_without_records_are_killed_on_start(make_service: MakeService) -
     (sched,) = svc.processes_of(c["id"])
     svc.kill()
     # Forget the record's process state, as if the crash came between spawn and save.
-    import sqlite3
-
-    with sqlite3.connect(svc.data_dir / "provisioner.db") as db:
-        db.execute("update clusters set backend_state = ? where id = ?",
-                   ('{"scheduler": null, "workers": {}}', c["id"]))
+    svc.sql("update clusters set backend_state = :s where id = :id",
+            s='{"scheduler": null, "workers": {}}', id=c["id"])
     svc.start()
     wait_until(lambda: not is_alive(sched), what="stray killed")
     assert _get(svc, c["id"])["status"] == "failed"

@@ -24,8 +24,8 @@ def fresh(tenant: str = "t", workers: int = 1) -> ClusterRecord:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+async def store(tmp_path: Path, state_db):  # type: ignore[no-untyped-def]
+    s = Store(state_db() or f"sqlite:///{tmp_path / 'state.db'}")
     await s.open(["t", "u"])
     yield s
     await s.close()
@@ -65,8 +65,8 @@ async def test_concurrent_resizes_stay_within_quota(store: Store) -> None:
     assert after.cores == 12 and best.workers_requested >= 0
 
 
-async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path, state_db) -> None:  # type: ignore[no-untyped-def]
+    url = state_db() or f"sqlite:///{tmp_path / 'state.db'}"
     s = Store(url)
     await s.open(["t"])
     rec = await s.admit(fresh(), Quota(cores=4, memory=8 * GiB))
