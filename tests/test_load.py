@@ -1,0 +1,192 @@
+"""Load and crashes: concurrent tenants hammering the API, and a SIGKILL in the middle of it.
+
+Both are bounded in requests and time and talk to loopback only. Afterwards the books must
+balance: quotas held at every sampled moment, no 500, every record consistent with what runs,
+no orphaned process, no quota left in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clusters.local.procs import is_alive
+from tests.service import GiB, ServiceProcess, tenant, wait_until
+
+TENANTS = {"red": 3.0, "green": 3.0, "blue": 2.5}  # cores each; memory is never the limit
+MakeService = Callable[..., ServiceProcess]
+
+
+async def _actor(http: httpx.AsyncClient, rng: random.Random, deadline: float, ids: list[str],
+                 statuses: Counter[int], max_requests: int) -> None:
+    for _ in range(max_requests):
+        if time.monotonic() > deadline:
+            return
+        op = rng.choice(["create", "create", "scale", "adapt", "delete", "get"])
+        if op == "create" or not ids:
+            r = await http.post("/clusters", json={"workers": rng.randint(0, 2),
+                                                   "idle_timeout": 600, "no_client_timeout": 600})
+            if r.status_code == 201:
+                ids.append(r.json()["id"])
+        else:
+            cid = rng.choice(ids)
+            if op == "scale":
+                r = await http.post(f"/clusters/{cid}/scale", json={"workers": rng.randint(0, 3)})
+            elif op == "adapt":
+                r = await http.post(f"/clusters/{cid}/adapt", json={"minimum": 0, "maximum": 2})
+            elif op == "delete":
+                r = await http.delete(f"/clusters/{cid}")
+            else:
+                r = await http.get(f"/clusters/{cid}")
+        statuses[r.status_code] += 1
+        await asyncio.sleep(rng.random() * 0.05)
+
+
+async def _storm(svc: ServiceProcess, seconds: float, on_the_way: Callable[[], None] | None = None,
+                 ) -> tuple[Counter[int], dict[str, list[str]], list[tuple[str, dict[str, Any]]]]:
+    statuses: Counter[int] = Counter()
+    ids: dict[str, list[str]] = {name: [] for name in TENANTS}
+    samples: list[tuple[str, dict[str, Any]]] = []
+    deadline = time.monotonic() + seconds
+    clients = {name: httpx.AsyncClient(base_url=svc.url, timeout=60,
+                                       headers={"Authorization": f"Bearer token-{name}"})
+               for name in TENANTS}
+
+    async def sampler() -> None:
+        while time.monotonic() < deadline:
+            for name, http in clients.items():
+                try:
+                    samples.append((name, (await http.get("/tenants/me")).json()["usage"]))
+                except httpx.HTTPError:
+                    return  # the service was killed on purpose
+            await asyncio.sleep(0.05)
+
+    async def killer() -> None:
+        if on_the_way is not None:
+            await asyncio.sleep(seconds / 2)
+            await asyncio.to_thread(on_the_way)
+
+    async def guarded(coro: Any) -> None:
+        try:
+            await coro
+        except httpx.HTTPError:
+            if on_the_way is None:
+                raise
+
+    try:
+        rng = random.Random(11)
+        actors = [guarded(_actor(http, random.Random(rng.random()), deadline, ids[name], statuses, 60))
+                  for name, http in clients.items() for _ in range(3)]
+        await asyncio.gather(*actors, guarded(sampler()), killer())
+    finally:
+        for http in clients.values():
+            await http.aclose()
+    return statuses, ids, samples
+
+
+def _settle_and_check(svc: ServiceProcess) -> dict[str, dict[str, Any]]:
+    """Wait until no record is in flux, then check records against processes and quotas."""
+    records: dict[str, dict[str, Any]] = {}
+    for name in TENANTS:
+        with svc.client(name) as http:
+            def settled(http: httpx.Client = http) -> list[dict[str, Any]] | None:
+                clusters = http.get("/clusters").json()["clusters"]
+                busy = [c for c in clusters if c["status"] in ("pending", "starting", "stopping")]
+                return None if busy else clusters
+
+            for c in wait_until(settled, timeout=120, what=f"{name}'s clusters settle") or []:
+                records[c["id"]] = c
+    live = [c for c in records.values() if c["status"] == "running"]
+    for c in live:
+        wait_until(lambda c=c: len(svc.processes_of(c["id"])) == 1 + c["workers"]["requested"],
+                   timeout=90, what=f"{c['id']} runs {c['workers']['requested']} workers")
+    for c in records.values():
+        if c["status"] == "failed":
+            assert c["stop_reason"].startswith("failed: "), c
+        if c["status"] in ("stopped", "failed"):
+            assert not svc.processes_of(c["id"]), c
+    # No orphans: everything the service owns belongs to a running record.
+    expected = {p.pid for c in live for p in svc.processes_of(c["id"])}
+    wait_until(lambda: {p.pid for p in svc.owned()} <= expected | _non_cluster(svc), timeout=30,
+               what="no orphaned processes")
+    return records
+
+
+def _non_cluster(svc: ServiceProcess) -> set[int]:
+    """The local backend's own helper process (its fork server), which is not a cluster."""
+    pids = set()
+    for p in svc.owned():
+        try:
+            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"clusters.local.zygote" in cmdline or b"forkserver" in cmdline:
+            pids.add(p.pid)
+    return pids
+
+
+def _delete_all_and_check_empty(svc: ServiceProcess, records: dict[str, dict[str, Any]]) -> int:
+    for name in TENANTS:
+        with svc.client(name) as http:
+            for c in http.get("/clusters").json()["clusters"]:
+                http.delete(f"/clusters/{c['id']}")
+    leaks = 0
+    for name in TENANTS:
+        with svc.client(name) as http:
+            usage = wait_until(lambda http=http: (u := http.get("/tenants/me").json()["usage"])
+                               and u["clusters"] == 0 and u, timeout=120, what="quota released")
+            assert usage == {"clusters": 0, "cores": 0.0, "memory": 0, "workers": 0}
+    wait_until(lambda: not (set(p.pid for p in svc.owned()) - _non_cluster(svc)), timeout=60,
+               what="every cluster process gone")
+    leaks += len({p.pid for p in svc.owned()} - _non_cluster(svc))
+    return leaks
+
+
+def _tenants() -> list[dict[str, Any]]:
+    return [tenant(name, cores=cores, memory=16 * GiB, clusters=3) for name, cores in TENANTS.items()]
+
+
+def test_load_from_several_tenants(make_service: MakeService) -> None:
+    svc = make_service(_tenants()).start()
+    statuses, ids, samples = asyncio.run(_storm(svc, seconds=12))
+    records = _settle_and_check(svc)
+    created = sum(len(v) for v in ids.values())
+    for name, usage in samples:
+        assert usage["cores"] <= TENANTS[name] + 1e-9 and usage["clusters"] <= 3, (name, usage)
+    leaks = _delete_all_and_check_empty(svc, records)
+    print(f"\nload: {sum(statuses.values())} requests, by status {dict(sorted(statuses.items()))}, "
+          f"{created} clusters created, {len(samples)} quota samples, leaks {leaks}")
+    assert statuses[500] == 0 and created >= 3 and samples
+    assert set(statuses) <= {200, 201, 403, 409}, statuses
+    assert leaks == 0
+
+
+def test_sigkill_in_the_middle_of_creates_scales_and_deletes(make_service: MakeService) -> None:
+    svc = make_service(_tenants()).start()
+    statuses, _, _ = asyncio.run(_storm(svc, seconds=6, on_the_way=svc.kill))
+    assert statuses[500] == 0
+    svc.start()
+    records = _settle_and_check(svc)
+    for name in TENANTS:
+        with svc.client(name) as http:
+            usage = http.get("/tenants/me").json()["usage"]
+            mine = [c for c in records.values() if c["tenant"] == name and c["status"] == "running"]
+            assert usage["clusters"] == len(mine), (name, usage, mine)
+            assert abs(usage["cores"] - sum(0.5 + c["workers"]["requested"] for c in mine)) < 1e-9
+    # Everything still managed after the crash: one running cluster (if any) scales and stops.
+    running = [c for c in records.values() if c["status"] == "running"]
+    if running:
+        c = running[0]
+        with svc.client(c["tenant"]) as http:
+            assert http.post(f"/clusters/{c['id']}/scale", json={"workers": 0}).status_code == 200
+            wait_until(lambda: len(svc.processes_of(c["id"])) == 1, what="scaled to zero")
+    pids = [p for c in records.values() for p in svc.processes_of(c["id"])]
+    assert _delete_all_and_check_empty(svc, records) == 0
+    assert not any(is_alive(p) for p in pids)
