@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -94,12 +93,10 @@ def serve(
     from pydantic import ValidationError
 
     from api.app import create_app
+    from provisioner.logs import configure as configure_logging
     from provisioner.store import StoreError
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(log_level)
     overrides = {
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any
 
 from clusters.base import Backend, ClusterSpec, LaunchError
+from provisioner.logs import cluster_log
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.reaping import reap_reason
 from provisioner.records import Records
@@ -58,6 +59,7 @@ class ClusterRunner:
     def __init__(self, reconciler: Reconciler, record: ClusterRecord) -> None:
         self.rec = reconciler
         self.id = record.id
+        self.log = cluster_log(logger, record.tenant, record.id)
         self.kick = asyncio.Event()
         self.report: dict[str, Any] | None = None
         self.report_at = 0.0
@@ -83,7 +85,7 @@ class ClusterRunner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.exception("cluster %s: runner crashed", self.id)
+            self.log.exception("runner crashed")
             await self._fail(f"internal error: {exc!r}")
         finally:
             await self._unlink()
@@ -108,7 +110,7 @@ class ClusterRunner:
             if reason is not None:
                 reason = await self._confirm_reap(record)
             if reason is not None:
-                logger.info("cluster %s: reaping (%s)", self.id, reason)
+                self.log.info("reaping reason=%s", reason)
                 await self.rec.records.update(self.id, stop_requested=True, stop_reason=reason)
                 continue
             self.kick.clear()
@@ -149,14 +151,14 @@ class ClusterRunner:
         await self._unlink()
         await self.rec.backend.stop_cluster(self.id)
         await records.update(self.id, status=Status.STOPPED, workers_running=0)
-        logger.info("cluster %s: stopped (%s)", self.id, reason)
+        self.log.info("stopped reason=%s", reason)
 
     async def _fail(self, reason: str) -> None:
         reason = reason if reason.startswith("failed") else f"failed: {reason}"
         record = self.rec.records.cached(self.id)
         if record is None or record.status.terminal:
             return
-        logger.warning("cluster %s: %s", self.id, reason)
+        self.log.warning("ended reason=%r", reason)
         await self._unlink()
         with contextlib.suppress(Exception):
             await self.rec.backend.stop_cluster(self.id)
@@ -253,7 +255,7 @@ class ClusterRunner:
                 await backend.start_workers(self.spec(), record.scheduler_address, names)
             except LaunchError as exc:
                 self.rec.backend_error("worker-start")
-                logger.warning("cluster %s: %s", self.id, exc)
+                self.log.warning("workers not started: %s", exc)
         elif len(live) > want:
             await self._retire(live, len(live) - want)
 
@@ -275,7 +277,7 @@ class ClusterRunner:
             try:
                 await self.link.retire(graceful)
             except Exception as exc:
-                logger.warning("cluster %s: graceful retire failed: %r", self.id, exc)
+                self.log.warning("graceful retire failed: %r", exc)
         await self.rec.backend.stop_workers(self.id, chosen + graceful)
 
 
@@ -312,7 +314,7 @@ class Reconciler:
         for record in live:
             lost = outcome.get(record.id)
             if record.status == Status.RUNNING and lost and not record.stop_requested:
-                logger.warning("cluster %s: %s", record.id, lost)
+                cluster_log(logger, record.tenant, record.id).warning("lost while the service was down: %s", lost)
                 await self.backend.stop_cluster(record.id)
                 await self.records.update(record.id, status=Status.FAILED,
                                           stop_reason=f"failed: {lost}", workers_running=0)
@@ -352,6 +354,7 @@ class Reconciler:
         record = self.records.cached(cluster_id)
         if record is None or record.status.terminal or record.status == Status.STOPPING:
             return
+        cluster_log(logger, record.tenant, cluster_id).warning("scheduler lost: %s", reason)
         # Record the failure first: whatever the runner is doing, it finds a terminal record.
         await self.records.update(cluster_id, status=Status.FAILED,
                                   stop_reason=f"failed: {reason}", workers_running=0)
@@ -363,5 +366,5 @@ class Reconciler:
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         runner = self.runners.get(cluster_id)
         if runner is not None:
-            logger.info("cluster %s: %s lost (%s)", cluster_id, name, reason)
+            runner.log.info("worker lost name=%s reason=%r", name, reason)
             runner.worker_lost(name, reason)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.base import Backend
+from provisioner.logs import cluster_log
 from provisioner.metrics import Metrics
 from provisioner.models import ClusterRecord, Status, StopReason, new_cluster_id
 from provisioner.quota import QuotaExceeded, Usage, check_workers_per_cluster
@@ -164,8 +165,8 @@ class Provisioner:
             credentials=credentials,
         )
         record = await self.records.admit(record, tenant.quota)
-        logger.info("cluster %s: created for tenant %s (%d workers)", record.id, tenant.name,
-                    workers)
+        cluster_log(logger, tenant.name, record.id).info(
+            "created project=%s workers=%d adaptive=%s", record.project, workers, record.adaptive)
         self.reconciler.ensure(record)
         return record
 

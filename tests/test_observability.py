@@ -60,5 +60,11 @@ def test_metrics_and_usage_follow_a_cluster(service: ServiceProcess) -> None:
         assert http.get("/tenants/me/usage", params={"since": "yesterday"}).status_code == 422
         future = http.get("/tenants/me/usage", params={"since": time.time() + 3600})
         assert future.status_code == 422 and "since" in future.json()["detail"]
+    # Structured logs: every line of ours about this cluster names its tenant and cluster.
+    lines = [line for line in service.log.read_text().splitlines()
+             if c["id"] in line and "logger=provisioner" in line]
+    assert any("created project=books" in line for line in lines)
+    assert any("stopped reason=user" in line for line in lines)
+    assert all(f"tenant=beta cluster={c['id']}" in line for line in lines), lines
     with service.client("alpha") as http:
         assert "books" not in {p["project"] for p in http.get("/tenants/me/usage").json()["projects"]}
