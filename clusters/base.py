@@ -32,6 +32,16 @@ class ClusterSpec:
     image: str | None = None
     #: PEM texts for per-cluster TLS (``ca``, ``cert``, ``key``); empty means plain TCP.
     credentials: dict[str, str] = field(default_factory=dict)
+    #: The cluster's own reaping rules, which its scheduler enforces by itself once the
+    #: service has not been in touch for ``lease`` seconds (0: never), so a cluster is not
+    #: left behind by a service that died for good.
+    idle_timeout: float = 0
+    no_client_timeout: float = 0
+    lease: float = 0
+
+
+#: How a backend's ``recover`` says a scheduler ended by reaping itself: ``"reaped: idle"``.
+REAPED = "reaped: "
 
 
 @dataclass(frozen=True, slots=True)

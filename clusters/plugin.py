@@ -27,8 +27,13 @@ class ProvisionerPlugin(SchedulerPlugin):
 
     name = "dask-provisioner"
 
-    def __init__(self, tick: float = 0.25) -> None:
+    def __init__(self, tick: float = 0.25, reap: dict[str, Any] | None = None) -> None:
         self.tick = tick
+        #: idle_timeout, no_client_timeout, lease (s), file: applied only without the service.
+        self.reap = reap or {}
+        self._last_polled = time.monotonic()
+        self._polls_open = 0
+        self._reaping = False
         self.version = 0
         self._snapshot: tuple[Any, ...] | None = None
         self._changed = asyncio.Event()
@@ -99,18 +104,51 @@ class ProvisionerPlugin(SchedulerPlugin):
             await asyncio.sleep(self.tick)
             try:
                 self._refresh()
+                self._reap_if_orphaned()
             except Exception:  # never let observation kill the scheduler
                 logger.exception("provisioner plugin refresh failed")
 
+    def _reap_if_orphaned(self) -> None:
+        """Apply the cluster's idle rules ourselves when the service has been gone too long."""
+        lease = float(self.reap.get("lease") or 0)
+        now = time.monotonic()
+        if not lease or self._reaping or self._polls_open or now - self._last_polled < lease:
+            return
+        s = self.scheduler
+        assert s is not None and self._snapshot is not None
+        if self._snapshot[2]:  # busy
+            return
+        reason = None
+        no_client = self.reap.get("no_client_timeout") or 0
+        idle = self.reap.get("idle_timeout") or 0
+        if self._no_client_since is not None and no_client and now - self._no_client_since >= no_client:
+            reason = "no-client"
+        elif idle and s.idle_since and time.time() - s.idle_since >= idle:
+            reason = "idle"
+        if reason is None:
+            return
+        self._reaping = True
+        logger.warning("no word from the service for %.0fs: reaping this cluster (%s)",
+                       now - self._last_polled, reason)
+        if self.reap.get("file"):
+            with open(self.reap["file"], "w") as f:
+                f.write(reason)
+        self._closing = asyncio.ensure_future(s.close(reason=f"reaped-{reason}"))
+
     async def report(self, version: int = -1, timeout: float = 30.0) -> dict[str, Any]:
         """Return the cluster's state once it differs from ``version`` (or after ``timeout``)."""
+        self._last_polled = time.monotonic()
         self._refresh()
         if version == self.version:
             waiter = self._changed
+            self._polls_open += 1
             try:
                 await asyncio.wait_for(waiter.wait(), timeout)
             except TimeoutError:
                 pass
+            finally:
+                self._polls_open -= 1
+                self._last_polled = time.monotonic()
         s = self.scheduler
         assert s is not None and self._snapshot is not None
         workers, clients, busy, target = self._snapshot

@@ -53,7 +53,7 @@ async def _scheduler(options: dict[str, Any]) -> Scheduler:
         dashboard_address=f"{host}:{dashboard}" if dashboard is not None else None,
         validate=False,
     )
-    scheduler.add_plugin(ProvisionerPlugin())
+    scheduler.add_plugin(ProvisionerPlugin(reap=options.get("reap")))
     await scheduler
     return scheduler
 

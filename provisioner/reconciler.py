@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import Any
 
-from clusters.base import Backend, ClusterSpec, LaunchError
+from clusters.base import REAPED, Backend, ClusterSpec, LaunchError
 from provisioner.logs import cluster_log
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.reaping import reap_reason
@@ -33,7 +33,7 @@ logger = logging.getLogger("provisioner.reconciler")
 WORKER_LOSS_LIMIT = (8, 60.0)
 
 
-def spec_for(record: ClusterRecord, tenants: TenantDirectory) -> ClusterSpec:
+def spec_for(record: ClusterRecord, tenants: TenantDirectory, lease: float = 0) -> ClusterSpec:
     tenant = tenants.get(record.tenant)
     return ClusterSpec(
         cluster_id=record.id,
@@ -46,6 +46,9 @@ def spec_for(record: ClusterRecord, tenants: TenantDirectory) -> ClusterSpec:
         env={**(tenant.env if tenant else {}), **record.env},
         image=record.image,
         credentials=process_credentials(record.credentials),
+        idle_timeout=record.idle_timeout,
+        no_client_timeout=record.no_client_timeout,
+        lease=lease,
     )
 
 
@@ -77,7 +80,7 @@ class ClusterRunner:
         return record
 
     def spec(self) -> ClusterSpec:
-        return spec_for(self.record, self.rec.tenants)
+        return spec_for(self.record, self.rec.tenants, self.rec.settings.orphan_lease)
 
     async def _run(self) -> None:
         try:
@@ -309,13 +312,22 @@ class Reconciler:
     async def recover(self) -> None:
         """After a (re)start: re-adopt what still runs, fail what died, resume the rest."""
         live = await self.records.load_live()
-        specs = [(spec_for(r, self.tenants), r.backend_state) for r in live]
+        specs = [(spec_for(r, self.tenants, self.settings.orphan_lease), r.backend_state)
+                 for r in live]
         outcome = await self.backend.recover(specs)
         for record in live:
             lost = outcome.get(record.id)
             if record.status == Status.RUNNING and lost and not record.stop_requested:
-                cluster_log(logger, record.tenant, record.id).warning("lost while the service was down: %s", lost)
+                log = cluster_log(logger, record.tenant, record.id)
                 await self.backend.stop_cluster(record.id)
+                if lost.startswith(REAPED):
+                    reason = lost.removeprefix(REAPED)
+                    log.info("reaped itself while the service was down reason=%s", reason)
+                    await self.records.update(record.id, status=Status.STOPPING, stop_requested=True,
+                                              stop_reason=reason)
+                    await self.records.update(record.id, status=Status.STOPPED, workers_running=0)
+                    continue
+                log.warning("lost while the service was down: %s", lost)
                 await self.records.update(record.id, status=Status.FAILED,
                                           stop_reason=f"failed: {lost}", workers_running=0)
                 continue

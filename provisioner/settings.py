@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     adapt_down_delay: float = Field(default=3, ge=0)
     #: Seconds between reaping checks of a running cluster.
     reap_interval: float = Field(default=1, gt=0)
+    #: Seconds without word from the service after which a cluster applies its own idle
+    #: rules and reaps itself (0: never), so a service that died for good leaves nothing.
+    orphan_lease: float = Field(default=600, ge=0)
     #: Seconds the scheduler plugin holds a long-poll open when nothing changes.
     report_timeout: float = Field(default=15, gt=0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -120,3 +121,34 @@ def test_strays_without_records_are_killed_on_start(make_service: MakeService) -
     svc.start()
     wait_until(lambda: not is_alive(sched), what="stray killed")
     assert _get(svc, c["id"])["status"] == "failed"
+
+
+def test_a_cluster_reaps_itself_when_the_service_is_gone(make_service: MakeService) -> None:
+    """Never left behind: with no word from the service, a cluster applies its own idle rules
+    (the lease counts from the end of the service's last long-poll)."""
+    svc = make_service([tenant("acme")], env={"PROVISIONER_ORPHAN_LEASE": "2"}).start()
+    idle = _create(svc, workers=1, no_client_timeout=20, idle_timeout=600)
+    busy = _create(svc, workers=1, no_client_timeout=4, idle_timeout=600)
+    idle_pids = wait_until(lambda: (p := svc.processes_of(idle["id"])) and len(p) == 2 and p,
+                           what="idle cluster's worker")
+    busy_pids = wait_until(lambda: (p := svc.processes_of(busy["id"])) and len(p) == 2 and p,
+                           what="busy cluster's worker")
+    with Client(busy["scheduler_address"], security=svc.security("acme", busy["id"]),
+                timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        job = client.submit(time.sleep, 40, pure=False)
+        svc.kill()
+        # The idle one goes on its own; the computing one stays while it computes.
+        wait_until(lambda: not is_alive(idle_pids[0]), timeout=60, what="self-reap")
+        assert all(is_alive(p) for p in busy_pids)
+        assert not job.done()
+        job.cancel()
+    # With its client gone and nothing running, the other one goes too.
+    wait_until(lambda: not is_alive(busy_pids[0]), timeout=60, what="second self-reap")
+    svc.start()
+    for c in (idle, busy):
+        reaped = _get(svc, c["id"])
+        assert reaped["status"] == "stopped" and reaped["stop_reason"] == "no-client", reaped
+    wait_until(lambda: not any(is_alive(p) for p in idle_pids + busy_pids), what="workers gone")
+    with svc.client("acme") as http:
+        assert http.get("/tenants/me").json()["usage"]["clusters"] == 0

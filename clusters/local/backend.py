@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from clusters.base import Backend, BackendEvents, ClusterSpec, LaunchError, SchedulerEndpoint
+from clusters.base import (
+    REAPED,
+    Backend,
+    BackendEvents,
+    ClusterSpec,
+    LaunchError,
+    SchedulerEndpoint,
+)
 from clusters.local.forkserver import default_launcher
 from clusters.local.procs import (
     ProcessRef,
@@ -32,6 +39,7 @@ from clusters.local.procs import (
 logger = logging.getLogger("provisioner.local")
 
 OWNER_VAR = "DASK_PROVISIONER_OWNER"
+REAPED_FILE = "reaped"
 #: Harmless variables of the host passed through: where programs are, locale, and CPU quirks
 #: some BLAS builds need to run correctly on this hardware.
 PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -160,7 +168,13 @@ class LocalBackend(Backend):
         if cluster.scheduler and is_alive(cluster.scheduler):
             await terminate(cluster.scheduler, grace=1)
         cluster.directory.mkdir(parents=True, exist_ok=True)
-        options = {"host": self.host, "port": 0, "credentials": spec.credentials or None}
+        reaped = cluster.directory / REAPED_FILE
+        reaped.unlink(missing_ok=True)
+        options = {
+            "host": self.host, "port": 0, "credentials": spec.credentials or None,
+            "reap": {"idle_timeout": spec.idle_timeout, "no_client_timeout": spec.no_client_timeout,
+                     "lease": spec.lease, "file": str(reaped)},
+        }
         ref, info = await self.launcher.launch(
             "scheduler", options, self.environment(spec, worker=False),
             cluster.directory / "scheduler.log",
@@ -245,7 +259,7 @@ class LocalBackend(Backend):
                 self._watch(spec.cluster_id, None, ref)
                 result[spec.cluster_id] = None
             else:
-                result[spec.cluster_id] = "scheduler process gone while the service was down"
+                result[spec.cluster_id] = self._why_gone(cluster)
             for name, data in (state.get("workers") or {}).items():
                 wref = ProcessRef.from_dict(data)
                 if is_alive(wref) and result[spec.cluster_id] is None:
@@ -259,6 +273,14 @@ class LocalBackend(Backend):
                            [r.pid for r in strays])
         await asyncio.gather(*(terminate(r, grace=2) for r in strays))
         return result
+
+    @staticmethod
+    def _why_gone(cluster: _Cluster) -> str:
+        """A scheduler that reaped itself left its reason in a file; anything else died."""
+        try:
+            return REAPED + (cluster.directory / REAPED_FILE).read_text().strip()
+        except OSError:
+            return "scheduler process gone while the service was down"
 
     def _find_ours(self, known: set[int]) -> list[ProcessRef]:
         return [r for r in owned_processes(self.owner) if r.pid not in known]
