@@ -399,7 +399,8 @@ async def test_backend_acks_kills_and_restarts_without_teardown(tmp_path: Path) 
             assert await backend.recover([]) == {}
             await backend.start_workers(spec(), "tcp://127.0.0.1:1", ["c1-w1", "c1-w2"])
             fw_id = backend.client.framework_id
-            assert (tmp_path / "mesos-framework-id").read_text().strip() == fw_id
+            saved = json.loads((tmp_path / "mesos-framework.json").read_text())
+            assert saved == {"framework_id": fw_id, "roles": ["acme"]}
             await eventually(lambda: task_states(master).get("c1-w1") == "TASK_RUNNING"
                              and task_states(master).get("c1-w2") == "TASK_RUNNING")
             # Every update with a uuid is acknowledged: nothing waits for a retry.
@@ -424,6 +425,7 @@ async def test_backend_acks_kills_and_restarts_without_teardown(tmp_path: Path) 
         try:
             await again.open(Events())
             assert again.client.framework_id == fw_id
+            assert master.state()["frameworks"][0]["roles"] == ["acme"]  # kept from the file
             assert await again.recover([(spec(), {"scheduler": None, "workers": {}})]) == {
                 "c1": "no scheduler task"}
             await eventually(lambda: task_states(master)["c1-w2"] == "TASK_KILLED")
@@ -455,4 +457,4 @@ async def test_backend_stop_while_waiting_for_offers_and_teardown(tmp_path: Path
             await backend.close(stop_clusters=True)
         # Asked for explicitly: TEARDOWN removes the framework, and the id file goes.
         assert fw_id in master.state()["removed_frameworks"]
-        assert not (tmp_path / "mesos-framework-id").exists()
+        assert not (tmp_path / "mesos-framework.json").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import json
 import logging
 import os
 import secrets
@@ -40,7 +41,7 @@ from clusters.mesos.tasks import (
 logger = logging.getLogger("provisioner.mesos")
 
 WEEK = 7 * 24 * 3600.0
-FRAMEWORK_ID_FILE = "mesos-framework-id"
+FRAMEWORK_ID_FILE = "mesos-framework.json"
 TERMINAL = frozenset({
     "TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_ERROR", "TASK_LOST", "TASK_DROPPED",
     "TASK_GONE", "TASK_GONE_BY_OPERATOR", "TASK_UNKNOWN",
@@ -174,6 +175,7 @@ class MesosBackend(Backend):
         self._recovered = False
         self._unknown: dict[str, str | None] = {}  # seen before recover(): task id -> agent
         self._background: set[asyncio.Task[Any]] = set()
+        self._persist_lock = asyncio.Lock()
         self._reconciling: asyncio.Task[None] | None = None
 
     # -- framework id ----------------------------------------------------------------------
@@ -182,10 +184,13 @@ class MesosBackend(Backend):
         return self.data_dir / FRAMEWORK_ID_FILE if self.data_dir is not None else None
 
     def _load_framework_id(self) -> str | None:
+        """The framework id (and its roles, so a re-subscription keeps them) from disk."""
         path = self._id_path()
         if path is None or not path.exists():
             return None
-        return path.read_text().strip() or None
+        data = json.loads(path.read_text())
+        self.roles.update(data.get("roles") or [])
+        return data.get("framework_id") or None
 
     def _store_framework_id(self, framework_id: str | None) -> None:
         path = self._id_path()
@@ -196,9 +201,14 @@ class MesosBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(framework_id + "\n")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps({"framework_id": framework_id, "roles": sorted(self.roles)}))
         os.replace(tmp, path)
+
+    async def _persist(self, framework_id: str | None) -> None:
+        """Write the framework file off the event loop, one write at a time."""
+        async with self._persist_lock:
+            await asyncio.to_thread(self._store_framework_id, framework_id)
 
     # -- EventHandler (called by the client) -----------------------------------------------
 
@@ -225,7 +235,7 @@ class MesosBackend(Backend):
         return self.framework_info(), suppressed
 
     async def subscribed(self, framework_id: str, heartbeat_interval: float) -> None:
-        await asyncio.to_thread(self._store_framework_id, framework_id)
+        await self._persist(framework_id)
         # Launches whose ACCEPT was lost with the old stream are found by reconciliation.
         self._start_reconcile()
 
@@ -235,7 +245,7 @@ class MesosBackend(Backend):
 
     async def framework_removed(self, message: str) -> None:
         logger.error("mesos: framework removed by the master (%s); subscribing anew", message)
-        await asyncio.to_thread(self._store_framework_id, None)
+        await self._persist(None)
 
     async def event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -378,6 +388,8 @@ class MesosBackend(Backend):
         self.roles.add(role)
         if not self.client.subscribed.is_set():
             return  # the next SUBSCRIBE carries it
+        if self.client.framework_id:
+            await self._persist(self.client.framework_id)
         suppressed = sorted(self.roles - self._wanted_roles())
         info = dict(self.framework_info(), id={"value": self.client.framework_id})
         try:
@@ -548,7 +560,7 @@ class MesosBackend(Backend):
         if self.teardown_on_close:
             logger.warning("mesos: TEARDOWN of framework %s", self.client.framework_id)
             if await self._call("TEARDOWN"):
-                await asyncio.to_thread(self._store_framework_id, None)
+                await self._persist(None)
         self._events = None
         if self._reconciling is not None:
             self._reconciling.cancel()
@@ -628,9 +640,9 @@ class MesosBackend(Backend):
     async def _run_scheduler(self, cluster: _Cluster, spec: ClusterSpec) -> TaskRef:
         """Launch one scheduler task; return once it runs and accepts connections."""
         if cluster.scheduler is not None:  # an earlier attempt: make way
-            old = cluster.scheduler
-            cluster.stopping.add(old.task_id)
+            old, cluster.scheduler = cluster.scheduler, None
             self._pending.pop(old.task_id, None)
+            self._tasks.pop(old.task_id, None)  # from now on a stray, killed if seen alive
             if old.state != PENDING:
                 await self._kill(old)
         task_id = f"{spec.cluster_id}-scheduler-{secrets.token_hex(3)}"

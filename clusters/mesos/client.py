@@ -250,7 +250,10 @@ class MesosClient:
                 await self.handler.framework_removed(message)
             raise SubscribeError(f"master sent ERROR: {message}")
         else:
-            await self.handler.event(event)
+            try:
+                await self.handler.event(event)
+            except Exception:  # one event handled badly must not cost the subscription
+                logger.exception("mesos: handling %s failed", kind)
 
     # -- calls -------------------------------------------------------------------------------
 
