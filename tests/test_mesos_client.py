@@ -303,3 +303,20 @@ async def test_zookeeper_url_finds_the_leader(monkeypatch: pytest.MonkeyPatch) -
         async with running(client):
             await until(lambda: rec.subscribed_ids)
             assert client.base == leader.url and asked == ["zk1:2181,zk2:2181"]
+
+
+def test_ports_come_from_the_offered_ranges_without_reuse() -> None:
+    raw = offer("o1", "a", 8, 8192)
+    raw["resources"][2]["ranges"]["range"] = [{"begin": 1, "end": 65535}]
+    pool = OfferPool.parse(raw)
+    assert pool.free_ports() == 65535
+    req = request("t1", "a")
+    req.ports = 3
+    resources, ports = pool.take(req)
+    assert ports == [1, 2, 3] and pool.free_ports() == 65532
+    ranges = next(r for r in resources if r["name"] == "ports")["ranges"]["range"]
+    assert ranges == [{"begin": 1, "end": 1}, {"begin": 2, "end": 2}, {"begin": 3, "end": 3}]
+    small = OfferPool.parse(offer("o2", "a", 8, 8192, ports=(5, 5)))
+    assert small.fits(request("t2", "a"))
+    small.take(request("t2", "a"))
+    assert not small.fits(request("t3", "a"))

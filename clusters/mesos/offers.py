@@ -38,7 +38,8 @@ class OfferPool:
     hostname: str
     role: str
     scalars: dict[str, list[_Scalar]] = field(default_factory=dict)
-    ports: list[tuple[dict[str, Any], list[int]]] = field(default_factory=list)
+    #: per ports entry of the offer, its still free ``[begin, end]`` intervals
+    ports: list[tuple[dict[str, Any], list[list[int]]]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, offer: dict[str, Any]) -> OfferPool:
@@ -52,8 +53,7 @@ class OfferPool:
                 pool.scalars.setdefault(res["name"], []).append(
                     _Scalar(res, float(res["scalar"]["value"])))
             elif res.get("type") == "RANGES" and res.get("name") == "ports":
-                free = [p for r in res["ranges"].get("range") or []
-                        for p in range(int(r["begin"]), int(r["end"]) + 1)]
+                free = [[int(r["begin"]), int(r["end"])] for r in res["ranges"].get("range") or []]
                 pool.ports.append((res, free))
         return pool
 
@@ -61,7 +61,7 @@ class OfferPool:
         return sum(s.left for s in self.scalars.get(name, []))
 
     def free_ports(self) -> int:
-        return sum(len(free) for _, free in self.ports)
+        return sum(end - begin + 1 for _, free in self.ports for begin, end in free)
 
     def fits(self, request: TaskRequest) -> bool:
         return request.fits(self.amount("cpus"), self.amount("mem"), self.free_ports())
@@ -83,8 +83,13 @@ class OfferPool:
                 want -= got
         ports: list[int] = []
         for entry, free in self.ports:
-            taken = free[: request.ports - len(ports)]
-            del free[: len(taken)]
+            taken: list[int] = []
+            while free and len(ports) + len(taken) < request.ports:
+                interval = free[0]
+                taken.append(interval[0])
+                interval[0] += 1
+                if interval[0] > interval[1]:
+                    free.pop(0)
             if taken:
                 item = copy.deepcopy(entry)
                 item["ranges"] = {"range": [{"begin": p, "end": p} for p in taken]}
