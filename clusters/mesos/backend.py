@@ -497,17 +497,15 @@ class MesosBackend(Backend):
         await self._sync_offers()
         started = time.monotonic()
         delay = 2.0
+        # Only tasks launched before this round: a launch in flight is no question yet.
+        believed = [r for c in self._clusters.values() for r in c.tasks() if r.state != PENDING]
         for attempt in range(6):
-            refs = [r for c in self._clusters.values() for r in c.tasks()
-                    if r.state != PENDING and r.seen < started]
-            if not refs:
-                break
             if attempt:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-                refs = [r for r in refs if r.seen < started and self._ref(r.task_id) is r]
-                if not refs:
-                    break
+            refs = [r for r in believed if r.seen < started and self._ref(r.task_id) is r]
+            if not refs:
+                break
             tasks = []
             for ref in refs:
                 item: dict[str, Any] = {"task_id": {"value": ref.task_id}}
