@@ -49,9 +49,9 @@ def test_zookeeper_leader_is_the_lowest_sequence() -> None:
     assert leader_from_children(children) == "json.info_0000000003"
     assert leader_from_children(["log_replicas"]) is None
     info = {"address": {"hostname": "m2.example", "ip": "10.0.0.2", "port": 5050}}
-    assert address_from_info(json.dumps(info).encode()) == "m2.example:5050"
-    info = {"address": {"ip": "10.0.0.2", "port": 5051}, "hostname": "x"}
-    assert address_from_info(json.dumps(info).encode()) == "10.0.0.2:5051"
+    assert address_from_info(json.dumps(info).encode()) == "10.0.0.2:5050"
+    info = {"address": {"hostname": "m3.example", "port": 5051}, "hostname": "x"}
+    assert address_from_info(json.dumps(info).encode()) == "m3.example:5051"
 
 
 def test_master_addresses() -> None:

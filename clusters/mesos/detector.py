@@ -42,11 +42,12 @@ def leader_from_children(children: list[str]) -> str | None:
 
 
 def address_from_info(data: bytes) -> str:
-    """``host:port`` from a MasterInfo JSON node (``address`` preferred, ``hostname`` next)."""
+    """``host:port`` from a MasterInfo JSON node: ``address.ip`` (always usable), else a
+    hostname."""
     info: dict[str, Any] = json.loads(data)
     address = info.get("address") or {}
     port = address.get("port") or info.get("port") or 5050
-    host = address.get("hostname") or address.get("ip") or info.get("hostname")
+    host = address.get("ip") or address.get("hostname") or info.get("hostname")
     if not host:
         raise DetectorError("master info has no address")
     return f"{host}:{port}"
