@@ -40,7 +40,9 @@ class ClusterSpec:
     lease: float = 0
 
 
-#: How a backend's ``recover`` says a scheduler ended by reaping itself: ``"reaped: idle"``.
+#: How a backend says a scheduler ended by reaping itself: ``"reaped: idle"``. A scheduler
+#: exits with status 0 only then (a stop is a kill), which is all Mesos's reconciliation
+#: keeps of it; the local backend also finds the exact reason in a file the plugin writes.
 REAPED = "reaped: "
 
 

@@ -34,6 +34,8 @@ class ProvisionerPlugin(SchedulerPlugin):
         self._last_polled = time.monotonic()
         self._polls_open = 0
         self._reaping = False
+        #: Why this scheduler reaped itself, if it did.
+        self.reaped: str | None = None
         self.version = 0
         self._snapshot: tuple[Any, ...] | None = None
         self._changed = asyncio.Event()
@@ -128,6 +130,7 @@ class ProvisionerPlugin(SchedulerPlugin):
         if reason is None:
             return
         self._reaping = True
+        self.reaped = reason
         logger.warning("no word from the service for %.0fs: reaping this cluster (%s)",
                        now - self._last_polled, reason)
         if self.reap.get("file"):

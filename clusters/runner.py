@@ -18,6 +18,7 @@ from typing import Any
 from distributed import Scheduler, Worker
 from distributed.security import Security
 
+from clusters.base import ClusterSpec
 from clusters.plugin import ProvisionerPlugin
 
 
@@ -35,6 +36,24 @@ def security_from(credentials: dict[str, str] | None) -> Security | None:
         tls_client_key=credentials["key"],
         require_encryption=True,
     )
+
+
+def scheduler_options(spec: ClusterSpec, reap_file: str | None = None,
+                      **extra: Any) -> dict[str, Any]:
+    """What a backend passes to start ``spec``'s scheduler (plus host/port of its choosing)."""
+    reap = {"idle_timeout": spec.idle_timeout, "no_client_timeout": spec.no_client_timeout,
+            "lease": spec.lease, "file": reap_file}
+    return {"credentials": spec.credentials or None, "reap": reap, **extra}
+
+
+def worker_options(spec: ClusterSpec, address: str, name: str, death_timeout: float,
+                   **extra: Any) -> dict[str, Any]:
+    """What a backend passes to start one worker of ``spec`` named ``name``."""
+    return {
+        "address": address, "name": name, "nthreads": max(1, round(spec.worker_cores)),
+        "memory_limit": spec.worker_memory, "death_timeout": death_timeout,
+        "credentials": spec.credentials or None, **extra,
+    }
 
 
 def _protocol(options: dict[str, Any]) -> str:
@@ -108,7 +127,12 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.close(), 10)
     stopper.cancel()
-    return 0
+    if stop.is_set() or role == "worker":
+        return 0
+    # A scheduler ends with status 0 only when it reaped itself (see clusters.base.REAPED);
+    # closed any other way (a client's shutdown, an error) it says so with status 3.
+    plugin = server.plugins.get(ProvisionerPlugin.name) if isinstance(server, Scheduler) else None
+    return 0 if getattr(plugin, "reaped", None) else 3
 
 
 def main(argv: list[str] | None = None) -> int:

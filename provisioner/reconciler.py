@@ -366,10 +366,17 @@ class Reconciler:
         record = self.records.cached(cluster_id)
         if record is None or record.status.terminal or record.status == Status.STOPPING:
             return
-        cluster_log(logger, record.tenant, cluster_id).warning("scheduler lost: %s", reason)
-        # Record the failure first: whatever the runner is doing, it finds a terminal record.
-        await self.records.update(cluster_id, status=Status.FAILED,
-                                  stop_reason=f"failed: {reason}", workers_running=0)
+        log = cluster_log(logger, record.tenant, cluster_id)
+        # Record the end first: whatever the runner is doing, it finds a terminal record.
+        if reason.startswith(REAPED):
+            log.info("reaped itself reason=%s", reason.removeprefix(REAPED))
+            await self.records.update(cluster_id, status=Status.STOPPING, stop_requested=True,
+                                      stop_reason=reason.removeprefix(REAPED))
+            await self.records.update(cluster_id, status=Status.STOPPED, workers_running=0)
+        else:
+            log.warning("scheduler lost: %s", reason)
+            await self.records.update(cluster_id, status=Status.FAILED,
+                                      stop_reason=f"failed: {reason}", workers_running=0)
         runner = self.runners.get(cluster_id)
         if runner is not None:
             runner.task.cancel()

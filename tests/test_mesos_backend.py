@@ -12,11 +12,9 @@ import asyncio
 import json
 import random
 import socket
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -286,14 +284,11 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
     doomed_sched = next(iter(running_ids(master, doomed["id"])))
     master.kill_task_process(doomed_sched)
     stray = next(iter(running_ids(master, f"{kept['id']}-w")))
-    with closing(sqlite3.connect(svc.data_dir / "provisioner.db")) as db:
-        (raw,) = db.execute("select backend_state from clusters where id = ?",
-                            (kept["id"],)).fetchone()
-        state = json.loads(raw)
-        del state["workers"][stray]
-        db.execute("update clusters set backend_state = ? where id = ?",
-                   (json.dumps(state), kept["id"]))
-        db.commit()
+    ((raw,),) = svc.sql("select backend_state from clusters where id = :id", id=kept["id"])
+    state = json.loads(raw) if isinstance(raw, str) else raw
+    del state["workers"][stray]
+    svc.sql("update clusters set backend_state = :s where id = :id", s=json.dumps(state),
+            id=kept["id"])
     assert running_ids(master, kept["id"]) == kept_tasks  # tasks outlive the service
 
     svc.start()
@@ -314,6 +309,26 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
     with svc.client("acme") as http:
         assert http.delete(f"/clusters/{kept['id']}").status_code == 200
     wait_until(lambda: not tasks(master), what="every task gone")
+
+
+def test_a_cluster_on_mesos_reaps_itself_when_the_service_is_gone(
+        mesos: MakeMaster, make_service: MakeService) -> None:
+    """With no word from the service for the orphan lease, the scheduler applies its own idle
+    rules and exits with a code that says so; after a restart the record says why."""
+    master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
+    args = ["--backend", "mesos", "--mesos-master", master.address, "--mesos-command", RUNNER]
+    svc = make_service([tenant("acme", cores=4)], args=args,
+                       env={"PROVISIONER_MESOS_KILL_GRACE": "2", "PROVISIONER_ORPHAN_LEASE": "2"}).start()
+    c = create(svc, "acme", workers=1, no_client_timeout=3, idle_timeout=600)
+    svc.kill()
+    wait_until(lambda: not running_ids(master, f"{c['id']}"), timeout=90,
+               what="scheduler and worker tasks end on their own")
+    svc.start()
+    reaped = wait_until(lambda: status_is(svc, "acme", c["id"], "stopped"), what="stopped")
+    # Mesos's reconciliation keeps only "finished": the record says idle (no work, no client).
+    assert reaped["stop_reason"] in ("idle", "no-client"), reaped
+    with svc.client("acme") as http:
+        assert http.get("/tenants/me").json()["usage"]["clusters"] == 0
 
 
 def test_dropped_stream_resubscribes_and_carries_on(mesos: MakeMaster,

@@ -35,6 +35,7 @@ from clusters.local.procs import (
     terminate,
     wait_exit,
 )
+from clusters.runner import scheduler_options, worker_options
 
 logger = logging.getLogger("provisioner.local")
 
@@ -134,7 +135,9 @@ class LocalBackend(Backend):
                 return
             cluster.scheduler = None
             await self._save(cluster_id)
-            await self._events.scheduler_lost(cluster_id, f"scheduler {exit_reason(code)}")
+            why = (self._why_gone(cluster) if (cluster.directory / REAPED_FILE).exists()
+                   else f"scheduler {exit_reason(code)}")
+            await self._events.scheduler_lost(cluster_id, why)
         else:
             if cluster.workers.get(name) != ref:
                 return
@@ -170,11 +173,7 @@ class LocalBackend(Backend):
         cluster.directory.mkdir(parents=True, exist_ok=True)
         reaped = cluster.directory / REAPED_FILE
         reaped.unlink(missing_ok=True)
-        options = {
-            "host": self.host, "port": 0, "credentials": spec.credentials or None,
-            "reap": {"idle_timeout": spec.idle_timeout, "no_client_timeout": spec.no_client_timeout,
-                     "lease": spec.lease, "file": str(reaped)},
-        }
+        options = scheduler_options(spec, str(reaped), host=self.host, port=0)
         ref, info = await self.launcher.launch(
             "scheduler", options, self.environment(spec, worker=False),
             cluster.directory / "scheduler.log",
@@ -190,13 +189,8 @@ class LocalBackend(Backend):
         env = self.environment(spec, worker=True)
 
         async def one(name: str) -> None:
-            options = {
-                "address": address, "name": name, "host": self.host,
-                "nthreads": max(1, round(spec.worker_cores)),
-                "memory_limit": spec.worker_memory,
-                "death_timeout": self.worker_death_timeout,
-                "credentials": spec.credentials or None,
-            }
+            options = worker_options(spec, address, name, self.worker_death_timeout,
+                                     host=self.host)
             ref, _ = await self.launcher.launch(
                 "worker", options, env, cluster.directory / f"{name}.log", wait_ready=False
             )

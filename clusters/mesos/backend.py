@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusters.base import Backend, BackendEvents, ClusterSpec, LaunchError, SchedulerEndpoint
+from clusters.base import (
+    REAPED,
+    Backend,
+    BackendEvents,
+    ClusterSpec,
+    LaunchError,
+    SchedulerEndpoint,
+)
 from clusters.mesos.client import CallError, MesosClient, NotSubscribed
 from clusters.mesos.offers import OfferPool, match
 from clusters.mesos.tasks import (
@@ -33,10 +40,9 @@ from clusters.mesos.tasks import (
     TaskSettings,
     mesos_cpus,
     mesos_mem,
-    scheduler_options,
     task_info,
-    worker_options,
 )
+from clusters.runner import scheduler_options, worker_options
 
 logger = logging.getLogger("provisioner.mesos")
 
@@ -456,6 +462,8 @@ class MesosBackend(Backend):
             cluster.touch()
             return
         reason = describe(status)
+        if ref is cluster.scheduler and state == "TASK_FINISHED" and task_id not in cluster.stopping:
+            reason = REAPED + "idle"  # only a scheduler that reaped itself exits cleanly
         ref.state = state
         self._tasks.pop(task_id, None)
         wanted_end = task_id in cluster.stopping or cluster.stopped
@@ -467,11 +475,11 @@ class MesosBackend(Backend):
             elif cluster.launching:
                 pass  # start_scheduler sees the state and decides
             elif cluster.recovering:
-                cluster.lost_reason = f"scheduler task {reason}"
+                cluster.lost_reason = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
             elif not wanted_end and self._events is not None:
                 logger.warning("cluster %s: scheduler lost: %s", cluster.spec.cluster_id, reason)
-                self._spawn(self._events.scheduler_lost(cluster.spec.cluster_id,
-                                                        f"scheduler task {reason}"))
+                lost = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
+                self._spawn(self._events.scheduler_lost(cluster.spec.cluster_id, lost))
         else:
             cluster.workers.pop(task_id, None)
             # A clean exit is a worker retired by Dask; anything else is a loss to report.
@@ -652,7 +660,7 @@ class MesosBackend(Backend):
         self._enqueue(TaskRequest(
             task_id=task_id, cluster_id=spec.cluster_id, tenant=spec.tenant, kind="scheduler",
             role=spec.role, cpus=mesos_cpus(spec.scheduler_cores),
-            mem=mesos_mem(spec.scheduler_memory), options=scheduler_options(spec.credentials),
+            mem=mesos_mem(spec.scheduler_memory), options=scheduler_options(spec),
             env=dict(spec.env), image=spec.image,
         ))
         await self._save(spec.cluster_id)
@@ -692,9 +700,7 @@ class MesosBackend(Backend):
                 task_id=name, cluster_id=spec.cluster_id, tenant=spec.tenant, kind="worker",
                 role=spec.role, cpus=mesos_cpus(spec.worker_cores),
                 mem=mesos_mem(spec.worker_memory),
-                options=worker_options(address, name, spec.worker_cores, spec.worker_memory,
-                                       spec.credentials,
-                                       self.task_settings.death_timeout),
+                options=worker_options(spec, address, name, self.task_settings.death_timeout),
                 env=dict(spec.env), image=spec.image,
             )
         self._spawn(self._sync_offers())

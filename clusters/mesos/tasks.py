@@ -98,16 +98,3 @@ def task_info(request: TaskRequest, agent_id: str, hostname: str,
             "mesos": {"image": {"type": "DOCKER", "docker": {"name": request.image}}},
         }
     return info
-
-
-def scheduler_options(credentials: dict[str, str] | None) -> dict[str, Any]:
-    return {"credentials": credentials or None}
-
-
-def worker_options(address: str, name: str, cores: float, memory: int,
-                   credentials: dict[str, str] | None, death_timeout: float) -> dict[str, Any]:
-    return {
-        "address": address, "name": name, "nthreads": max(1, round(cores)),
-        "memory_limit": memory, "death_timeout": death_timeout,
-        "credentials": credentials or None,
-    }
