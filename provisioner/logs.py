@@ -27,3 +27,6 @@ def cluster_log(logger: logging.Logger, tenant: str, cluster_id: str) -> Cluster
 
 def configure(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=FORMAT)
+    # One line per Mesos call or SDK request is noise at INFO.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
