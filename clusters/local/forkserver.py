@@ -74,9 +74,17 @@ class _Zygote:
             raise ZygoteError(f"fork server did not start (see {log})")
 
     def fork(self, request: dict[str, Any], ready_fd: int) -> int:
-        rights = array.array("i", [ready_fd]).tobytes()
-        self.sock.sendmsg([json.dumps(request).encode()],
-                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        """Have the zygote fork; the request travels in a memfd that only the child reads."""
+        payload = os.memfd_create("dask-provisioner-request", os.MFD_CLOEXEC)
+        try:
+            data = json.dumps(request).encode()
+            written = 0
+            while written < len(data):
+                written += os.write(payload, data[written:])
+            rights = array.array("i", [ready_fd, payload]).tobytes()
+            self.sock.sendmsg([b"fork"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        finally:
+            os.close(payload)
         reply = self.sock.recv(4096)
         if not reply:
             raise ZygoteError("fork server closed its socket")

@@ -3,8 +3,9 @@
 ``python -m clusters.local.zygote`` is started by :class:`~clusters.local.forkserver.ForkServerLauncher`
 with one end of a SOCK_SEQPACKET socket pair on fd 3. It imports everything a cluster process
 needs, then blocks in ``recvmsg`` (no threads, no event loop, no timers: an idle machine stays
-idle). Each request is one JSON message (role, options, env, log path) with the ready pipe's
-write end attached; the zygote forks, and the child becomes the cluster process:
+idle). Each request is the message ``fork`` with two descriptors attached: the ready pipe's
+write end and a memfd holding the JSON request (role, options, env, log path). The zygote
+forks without reading the request, and the child reads it and becomes the cluster process:
 
 * it leads its own session (``setsid``), so it is signalled as a group and outlives the service;
 * ``os.environ`` is replaced by exactly the environment it was given and Dask's config is
@@ -38,7 +39,6 @@ from clusters.runner import serve
 
 CONTROL_FD = 3
 READY_FD = 3
-MAX_MESSAGE = 1 << 20
 
 
 def _reload_dask_config() -> None:
@@ -77,11 +77,21 @@ def _fresh_randomness() -> None:
         numpy_random.seed()
 
 
-def _become_cluster_process(request: dict[str, Any], ready: int, synced: int) -> int:
-    """In the forked child: detach, take the given environment and log, then serve."""
+def _read_request(fd: int) -> dict[str, Any]:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return json.loads(b"".join(chunks))
+
+
+def _become_cluster_process(ready: int, payload: int, synced: int) -> int:
+    """In the forked child: detach, read the request, take its environment and log, then serve."""
     os.setsid()
     os.write(synced, b"s")
     os.close(synced)
+    request = _read_request(payload)
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):  # SIGPIPE stays ignored, as in Python
         signal.signal(sig, signal.SIG_DFL)
 
@@ -102,15 +112,19 @@ def _become_cluster_process(request: dict[str, Any], ready: int, synced: int) ->
     return asyncio.run(serve(request["role"], request["options"], READY_FD))
 
 
-def _fork(request: dict[str, Any], ready: int) -> int:
-    """Fork one cluster process; return its pid once it leads its own session."""
+def _fork(ready: int, payload: int) -> int:
+    """Fork one cluster process; return its pid once it leads its own session.
+
+    The request (a tenant's environment, TLS key, ...) is read by the child alone: the zygote
+    never has it in its memory, so no later fork can find a trace of it.
+    """
     sync_r, sync_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.close(sync_r)
-            code = _become_cluster_process(request, ready, sync_w)
+            code = _become_cluster_process(ready, payload, sync_w)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -130,7 +144,7 @@ def _fork(request: dict[str, Any], ready: int) -> int:
 def _serve_requests(control: socket.socket) -> None:
     while True:
         try:
-            data, ancdata, _flags, _addr = control.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4))
+            data, ancdata, _flags, _addr = control.recvmsg(64, socket.CMSG_SPACE(8))
         except InterruptedError:
             continue
         if not data:
@@ -142,9 +156,9 @@ def _serve_requests(control: socket.socket) -> None:
             for fd in memoryview(payload).cast("i")
         ]
         try:
-            if len(fds) != 1:
-                raise ValueError("expected exactly one ready fd")
-            reply = {"pid": _fork(json.loads(data), fds[0])}
+            if data != b"fork" or len(fds) != 2:
+                raise ValueError("expected b'fork' with a ready fd and a request fd")
+            reply = {"pid": _fork(*fds)}
         except Exception as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
