@@ -86,10 +86,26 @@ def services(make_service: MakeService) -> Iterator[MakeService]:
                     os.kill(pid, signal.SIGKILL)
 
 
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of ``pid`` contains ``needle`` (needs ptrace rights)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            with contextlib.suppress(OSError, ValueError, OverflowError):
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+    return False
+
+
 def test_forked_processes_get_exactly_their_environment(services: MakeService) -> None:
     svc = services([tenant("acme")], args=["--no-tls"], env={SECRET: "hunter2"}).start()
+    tenant_secret = os.urandom(12).hex()
     c = _create(svc, "acme", workers=1, env={
-        "TENANT_SETTING": "yes", "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
+        "TENANT_SETTING": tenant_secret, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
     })
     with Client(c["scheduler_address"], timeout=30) as client:
         client.wait_for_workers(1, timeout=60)
@@ -105,13 +121,19 @@ def test_forked_processes_get_exactly_their_environment(services: MakeService) -
     # What LocalBackend.environment() computes (the test runs with the service's env minus SECRET).
     spec = ClusterSpec(cluster_id=c["id"], tenant="acme", role="acme", worker_cores=1,
                        worker_memory=512 * MiB, scheduler_cores=0.5, scheduler_memory=256 * MiB,
-                       env={"TENANT_SETTING": "yes",
+                       env={"TENANT_SETTING": tenant_secret,
                             "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7"})
     backend = LocalBackend(svc.data_dir, launcher=ProcessLauncher())
     assert worker_env == backend.environment(spec, worker=True)
     assert scheduler_env == backend.environment(spec, worker=False)
     assert SECRET not in worker_env and SECRET not in scheduler_env
     assert allowed == 7, "Dask's config must be read again from the cluster's own environment"
+    # The next cluster forks from the zygote: it must hold nothing of this one's request.
+    try:
+        leaked = _memory_holds(_zygotes(svc)[0], tenant_secret.encode())
+    except PermissionError:
+        pytest.skip("no permission to read the fork server's memory")
+    assert not leaked, "a tenant's environment reached the fork server's memory"
 
 
 def test_clusters_are_distinct_sessions_and_survive_a_killed_service(services: MakeService) -> None:
