@@ -118,8 +118,8 @@ c.ClusterConfig.scheduler_memory = "1 G"
 
 
 @contextlib.contextmanager
-def gateway_server() -> Iterator[tuple[str, str]]:
-    """dask-gateway-server with its local backend; yields its HTTP and scheduler-proxy addresses."""
+def gateway_server() -> Iterator[tuple[str, str, int]]:
+    """dask-gateway-server with its local backend; yields its HTTP and proxy addresses and pid."""
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         root = Path(tmp)
         (root / "clusters").mkdir()
@@ -138,6 +138,24 @@ def gateway_server() -> Iterator[tuple[str, str]]:
         try:
             url = f"http://127.0.0.1:{proxy}"
             _wait_http(url + "/api/health", proc, log)
-            yield url, f"gateway://127.0.0.1:{tcp}"
+            yield url, f"gateway://127.0.0.1:{tcp}", proc.pid
         finally:
             _stop(proc)
+
+
+def dask_children(pid: int) -> list[int]:
+    """Children of ``pid`` running a Dask scheduler or worker (dask-gateway's cluster processes)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, StopIteration, ValueError):
+            with open(f"/proc/{entry.name}/status") as f:
+                ppid = next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+            if ppid != pid:
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if any(a in (b"scheduler", b"worker") for a in argv):
+                found.append(int(entry.name))
+    return found

@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import operator
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,9 +37,11 @@ import httpx
 from distributed import Client
 from distributed.security import Security
 
-from bench.harness import GATEWAY_PASSWORD, TOKEN, gateway_server, our_service
+from bench.harness import GATEWAY_PASSWORD, TOKEN, dask_children, gateway_server, our_service
 
 SCENARIOS = ("task", "two_workers", "scheduler")
+#: Pause after every run (both systems alike) so exiting processes do not load the next run.
+SETTLE = 0.5
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,10 +57,6 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values) if values else float("nan"),
             "p95": percentile(values, 0.95), "min": min(values, default=float("nan")),
             "max": max(values, default=float("nan")), "runs": [round(v, 4) for v in values]}
-
-
-def _inc(x: int) -> int:
-    return x + 1
 
 
 class Ours:
@@ -86,7 +87,7 @@ class Ours:
             with Client(cluster["scheduler_address"], security=self._security(cluster),
                         timeout=30) as client:
                 if workers == 1:
-                    assert client.submit(_inc, 1, pure=False).result() == 2
+                    assert client.submit(operator.add, 1, 1, pure=False).result(timeout=60) == 2
                 else:
                     client.wait_for_workers(workers, timeout=60)
                 done = time.perf_counter() - t0
@@ -105,10 +106,12 @@ class Gateway:
 
     name = "dask-gateway"
 
-    def __init__(self, url: str, proxy: str) -> None:
+    def __init__(self, url: str, proxy: str, pid: int) -> None:
         from dask_gateway import BasicAuth
         from dask_gateway import Gateway as GatewayClient
 
+        self.pid = pid
+        self._clusters: list[Any] = []
         self.gateway = GatewayClient(url, proxy_address=proxy,
                                      auth=BasicAuth("bench", GATEWAY_PASSWORD))
 
@@ -116,20 +119,26 @@ class Gateway:
         t0 = time.perf_counter()
         cluster = self.gateway.new_cluster()
         running = time.perf_counter() - t0
+        # Keep it referenced: its __del__ may otherwise run on the client's loop thread and
+        # deadlock that loop (every later call would hang).
+        self._clusters.append(cluster)
         try:
             cluster.scale(workers)
             with cluster.get_client(set_as_default=False) as client:
                 if workers == 1:
-                    assert client.submit(_inc, 1, pure=False).result() == 2
+                    assert client.submit(operator.add, 1, 1, pure=False).result(timeout=60) == 2
                 else:
                     client.wait_for_workers(workers, timeout=60)
                 done = time.perf_counter() - t0
         finally:
             cluster.shutdown()
+            # shutdown() returns before the processes are gone; let them go before the next run
+            _wait(lambda: not dask_children(self.pid))
         return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
 
     def close(self) -> None:
-        self.gateway.close()
+        with contextlib.suppress(Exception):  # its close() can hang once the loop is gone
+            _bounded(lambda: (self.gateway.close(), {})[1], 10)
 
 
 def _wait(check: Callable[[], bool], timeout: float = 60) -> None:
@@ -140,23 +149,54 @@ def _wait(check: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def measure(systems: list[Any], runs: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    """Alternate systems run by run; return each system's timings per scenario."""
+def _bounded(fn: Callable[[], dict[str, float]], timeout: float) -> dict[str, float]:
+    """Run ``fn`` in a daemon thread; a run that hangs is reported (with its stack), not waited on."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        frame = sys._current_frames().get(thread.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+        raise TimeoutError(f"run still going after {timeout:g}s at:\n{stack}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def measure(systems: list[Any], runs: int, warmup: int,
+            timeout: float = 180) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
+    """Alternate systems run by run; return each system's timings per scenario, and failures."""
     results: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in SCENARIOS}
                                                   for s in systems}
+    failures: dict[str, list[str]] = {s.name: [] for s in systems}
     for i in range(warmup + runs):
         for workers in (1, 2):
             for system in systems:
-                timings = system.run(workers)
+                label = "warm-up" if i < warmup else f"run {i - warmup + 1}/{runs}"
+                try:
+                    timings = _bounded(lambda s=system, w=workers: s.run(w), timeout)
+                except Exception as exc:
+                    failures[system.name].append(f"{label} workers={workers}: {exc!r}")
+                    print(f"  {label:12} {system.name:17} workers={workers} FAILED: {exc!r}",
+                          flush=True)
+                    continue
                 if i >= warmup:
                     for key, value in timings.items():
                         if key == "scheduler" and workers == 2:
                             continue  # one scheduler figure per run is enough
                         results[system.name][key].append(value)
-                label = "warm-up" if i < warmup else f"run {i - warmup + 1}/{runs}"
                 shown = " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
                 print(f"  {label:12} {system.name:17} workers={workers} {shown}", flush=True)
-    return results
+                time.sleep(SETTLE)
+    return results, failures
 
 
 @contextlib.contextmanager
@@ -243,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         url = stack.enter_context(our_service(["--no-tls"] if args.no_tls else [], env))
         systems: list[Any] = [Ours(url)]
         if not args.no_gateway:
-            gw_url, gw_proxy = stack.enter_context(gateway_server())
-            systems.append(Gateway(gw_url, gw_proxy))
+            systems.append(Gateway(*stack.enter_context(gateway_server())))
         time.sleep(2)  # let both finish starting (our fork server imports distributed)
         print(f"start latency: {args.runs} runs after {args.warmup} warm-up, "
               f"launcher={args.launcher}, tls={not args.no_tls}", flush=True)
-        results = measure(systems, args.runs, args.warmup)
+        results, failures = measure(systems, args.runs, args.warmup)
         out = report(results)
+        out["failures"] = failures
         if args.load_clusters:
             print(f"\n{args.load_clusters} clusters at once, GET /healthz meanwhile ...", flush=True)
             load = healthz_under_load(url, args.load_clusters)
@@ -268,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {args.out}")
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        os._exit(0)  # a third-party client thread that will not stop must not hold the exit
     return 0
 
 
