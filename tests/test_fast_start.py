@@ -106,6 +106,7 @@ def test_forked_processes_get_exactly_their_environment(services: MakeService) -
     tenant_secret = os.urandom(12).hex()
     c = _create(svc, "acme", workers=1, env={
         "TENANT_SETTING": tenant_secret, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
+        "DASK_LOGGING__DISTRIBUTED": "debug",
     })
     with Client(c["scheduler_address"], timeout=30) as client:
         client.wait_for_workers(1, timeout=60)
@@ -116,18 +117,23 @@ def test_forked_processes_get_exactly_their_environment(services: MakeService) -
             pure=False,
         ).result(timeout=60)
         scheduler_pid = client.run_on_scheduler(os.getpid)
+        worker_log_level = client.submit(
+            lambda: __import__("logging").getLogger("distributed").level, pure=False,
+        ).result(timeout=60)
 
     assert _parent(scheduler_pid) in _zygotes(svc), "the scheduler must come from the fork server"
     # What LocalBackend.environment() computes (the test runs with the service's env minus SECRET).
     spec = ClusterSpec(cluster_id=c["id"], tenant="acme", role="acme", worker_cores=1,
                        worker_memory=512 * MiB, scheduler_cores=0.5, scheduler_memory=256 * MiB,
                        env={"TENANT_SETTING": tenant_secret,
-                            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7"})
+                            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
+                            "DASK_LOGGING__DISTRIBUTED": "debug"})
     backend = LocalBackend(svc.data_dir, launcher=ProcessLauncher())
     assert worker_env == backend.environment(spec, worker=True)
     assert scheduler_env == backend.environment(spec, worker=False)
     assert SECRET not in worker_env and SECRET not in scheduler_env
     assert allowed == 7, "Dask's config must be read again from the cluster's own environment"
+    assert worker_log_level == 10, "logging must follow the cluster's own config (DEBUG here)"
     # The next cluster forks from the zygote: it must hold nothing of this one's request.
     try:
         leaked = _memory_holds(_zygotes(svc)[0], tenant_secret.encode())

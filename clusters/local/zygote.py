@@ -25,6 +25,7 @@ import asyncio
 import gc
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -41,8 +42,25 @@ CONTROL_FD = 3
 READY_FD = 3
 
 
+def _logging_settings() -> tuple[Any, ...]:
+    keys = ("logging", "logging-file-config", "distributed.logging", "distributed.admin.log-format")
+    return tuple(dask.config.get(key, None) for key in keys)
+
+
+def _reset_logging() -> None:
+    """Configure logging again as ``import distributed`` does, from the config now in force."""
+    distributed_config = importlib.import_module("distributed.config")  # the package's .config is a dict
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            logger.handlers.clear()
+            logger.setLevel(logging.NOTSET if logger.name != "root" else logging.WARNING)
+            logger.propagate = True
+    distributed_config.initialize_logging(dask.config.config)
+
+
 def _reload_dask_config() -> None:
     """Collect Dask's config again from the files and DASK_* variables of the new environment."""
+    logging_before = _logging_settings()
     get_paths = getattr(dask.config, "_get_paths", None)
     paths = get_paths() if get_paths is not None else list(dask.config.paths)
     dask.config.paths = paths
@@ -50,6 +68,8 @@ def _reload_dask_config() -> None:
         "DASK_CONFIG", os.path.join(os.path.expanduser("~"), ".config", "dask")
     )
     dask.config.refresh(paths=paths)
+    if _logging_settings() != logging_before:
+        _reset_logging()
 
 
 def _preload() -> None:
