@@ -102,6 +102,7 @@ class ClusterRunner:
         elif record.status == Status.RUNNING and record.scheduler_address:
             self._link(record.scheduler_address)
         while True:
+            self.kick.clear()  # before looking: a change from here on wakes the next round
             record = self.record
             if record.stop_requested or record.status == Status.STOPPING:
                 await self._stop(record.stop_reason or StopReason.USER)
@@ -116,7 +117,6 @@ class ClusterRunner:
                 self.log.info("reaping reason=%s", reason)
                 await self.rec.records.update(self.id, stop_requested=True, stop_reason=reason)
                 continue
-            self.kick.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.kick.wait(), self.rec.settings.reap_interval)
 
@@ -138,15 +138,18 @@ class ClusterRunner:
             await self._fail(reason)
             return False
         if self.record.stop_requested:
+            self.log.info("scheduler up, but already asked to stop")
             return True  # the loop stops it
         await records.update(
             self.id, status=Status.RUNNING, scheduler_address=endpoint.address,
             dashboard_url=endpoint.dashboard_url, started_at=time.time(),
         )
+        self.log.info("running address=%s", endpoint.address)
         self._link(endpoint.address)
         return True
 
     async def _stop(self, reason: str) -> None:
+        self.log.info("stopping reason=%s", reason)
         records = self.rec.records
         if self.record.status != Status.STOPPING:
             await records.update(self.id, status=Status.STOPPING, stop_requested=True,

@@ -104,7 +104,7 @@ def test_create_quiet_no_wait(cli: CliRunner, app: typer.Typer, service: Service
     run(cli, app, "clusters", "delete", cluster_id)
     with service.client("beta") as http:
         wait_until(lambda: http.get(f"/clusters/{cluster_id}").json()["status"] in {"stopping", "stopped"},
-                   30, what="stopping")
+                   60, what="stopping")
 
 
 def test_errors_are_one_line(cli: CliRunner, app: typer.Typer) -> None:
