@@ -263,17 +263,25 @@ class Store:
     async def list_live(self) -> list[ClusterRecord]:
         return await self.list(statuses=list(LIVE))
 
-    def _live_of(self, conn: Connection, tenant: str) -> list[ClusterRecord]:
-        query = sa.select(clusters_table).where(
-            clusters_table.c.tenant == tenant,
-            clusters_table.c.status.in_([s.value for s in LIVE]),
-        )
-        return [_row_to_record(r) for r in conn.execute(query)]
+    def _usage_of(self, conn: Connection, tenant: str, exclude: str | None = None) -> Usage:
+        """What the tenant's live clusters hold, summed by the database (one row, any size)."""
+        c = clusters_table.c
+        query = sa.select(
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(c.scheduler_cores + c.workers_requested * c.worker_cores), 0.0),
+            sa.func.coalesce(sa.func.sum(c.scheduler_memory + c.workers_requested * c.worker_memory), 0),
+            sa.func.coalesce(sa.func.sum(c.workers_requested), 0),
+        ).where(c.tenant == tenant, c.status.in_([s.value for s in LIVE]))
+        if exclude is not None:
+            query = query.where(c.id != exclude)
+        clusters, cores, memory, workers = conn.execute(query).one()
+        return Usage(clusters=int(clusters), cores=round(float(cores), 6), memory=int(memory),
+                     workers=int(workers))
 
     async def usage(self, tenant: str) -> Usage:
         def run() -> Usage:
             with self._tx() as conn:
-                return Usage.of(self._live_of(conn, tenant))
+                return self._usage_of(conn, tenant)
 
         return await self._call(run)
 
@@ -281,7 +289,7 @@ class Store:
 
     def _admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
         with self._tx(lock_tenant=record.tenant) as conn:
-            usage = Usage.of(self._live_of(conn, record.tenant))
+            usage = self._usage_of(conn, record.tenant)
             check_workers_per_cluster(quota, record.workers_requested)
             check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1)
             conn.execute(clusters_table.insert().values(**_record_to_row(record)))
@@ -310,8 +318,10 @@ class Store:
             record = _row_to_record(row)
             if record.status.terminal or record.stop_requested:
                 return record
-            others = [r for r in self._live_of(conn, tenant) if r.id != cluster_id]
-            usage = Usage.of([*others, record])
+            others = self._usage_of(conn, tenant, exclude=cluster_id)
+            usage = Usage(clusters=others.clusters + 1, cores=round(others.cores + record.cores, 6),
+                          memory=others.memory + record.memory,
+                          workers=others.workers + record.workers_requested)
             if best_effort:
                 workers = workers_that_fit(quota, usage, record, workers)
             elif workers > record.workers_requested:
