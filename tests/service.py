@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,26 @@ class ServiceProcess:
         deadline = time.monotonic() + 10
         while any(is_alive(r) for r in self.owned()) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def live_ids(service: ServiceProcess, name: str) -> set[str]:
+    """Ids of the tenant's clusters that are not stopping or ended."""
+    with service.client(name) as http:
+        clusters = http.get("/clusters").json()["clusters"]
+    return {c["id"] for c in clusters if c["status"] in ("pending", "starting", "running")}
+
+
+@contextlib.contextmanager
+def stopping_new_clusters(service: ServiceProcess, *names: str) -> Iterator[None]:
+    """Stop every cluster of these tenants started inside the block, whatever happens in it."""
+    before = {n: live_ids(service, n) for n in names}
+    try:
+        yield
+    finally:
+        for name in names:
+            with service.client(name) as http:
+                for cluster_id in live_ids(service, name) - before[name]:
+                    http.delete(f"/clusters/{cluster_id}")
 
 
 def wait_until(check: Any, timeout: float = 60, interval: float = 0.2, what: str = "") -> Any:

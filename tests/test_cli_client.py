@@ -16,28 +16,14 @@ from typer.testing import CliRunner
 
 from provisioner import cli_client
 from provisioner.client import Provisioner
-from tests.service import ServiceProcess, wait_until
-
-LIVE = {"pending", "starting", "running"}
-
-
-def live_ids(service: ServiceProcess, name: str) -> set[str]:
-    with service.client(name) as http:
-        return {c["id"] for c in http.get("/clusters").json()["clusters"] if c["status"] in LIVE}
+from tests.service import ServiceProcess, stopping_new_clusters, wait_until
 
 
 @pytest.fixture
 def no_leaks(service: ServiceProcess) -> Iterator[None]:
     """Stop every cluster a test started, whether it passed or not."""
-    names = ("beta", "tight")
-    before = {n: live_ids(service, n) for n in names}
-    try:
+    with stopping_new_clusters(service, "beta", "tight"):
         yield
-    finally:
-        for name in names:
-            with service.client(name) as http:
-                for cluster_id in live_ids(service, name) - before[name]:
-                    http.delete(f"/clusters/{cluster_id}")
 
 
 @pytest.fixture

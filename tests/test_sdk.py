@@ -23,14 +23,7 @@ from provisioner.client import (
     ProvisionerError,
     QuotaExceeded,
 )
-from tests.service import ServiceProcess, tenant, wait_until
-
-LIVE = {"pending", "starting", "running"}
-
-
-def live_ids(service: ServiceProcess, name: str) -> set[str]:
-    with service.client(name) as http:
-        return {c["id"] for c in http.get("/clusters").json()["clusters"] if c["status"] in LIVE}
+from tests.service import ServiceProcess, stopping_new_clusters, tenant, wait_until
 
 
 def status_of(service: ServiceProcess, name: str, cluster_id: str) -> str:
@@ -41,15 +34,8 @@ def status_of(service: ServiceProcess, name: str, cluster_id: str) -> str:
 @pytest.fixture
 def no_leaks(service: ServiceProcess) -> Iterator[None]:
     """Stop every cluster a test started, whether it passed or not."""
-    names = ("alpha", "tight")
-    before = {n: live_ids(service, n) for n in names}
-    try:
+    with stopping_new_clusters(service, "alpha", "tight"):
         yield
-    finally:
-        for name in names:
-            with service.client(name) as http:
-                for cluster_id in live_ids(service, name) - before[name]:
-                    http.delete(f"/clusters/{cluster_id}")
 
 
 @pytest.fixture
