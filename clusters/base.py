@@ -40,6 +40,9 @@ class ClusterSpec:
     lease: float = 0
 
 
+#: A worker that ended itself for using more memory than its limit exits with this status.
+MEMORY_EXIT_CODE = 137
+
 #: How a backend says a scheduler ended by reaping itself: ``"reaped: idle"``. A scheduler
 #: exits with status 0 only then (a stop is a kill), which is all Mesos's reconciliation
 #: keeps of it; the local backend also finds the exact reason in a file the plugin writes.

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
 import sys
 from typing import Any
 
+import psutil
 from distributed import Scheduler, Worker
 from distributed.security import Security
+from tornado.ioloop import PeriodicCallback
 
-from clusters.base import ClusterSpec
+from clusters.base import MEMORY_EXIT_CODE, ClusterSpec
 from clusters.plugin import ProvisionerPlugin
 
 
@@ -90,7 +93,27 @@ async def _worker(options: dict[str, Any]) -> Worker:
         validate=False,
     )
     await worker
+    if worker.memory_manager.memory_limit:
+        worker.periodic_callbacks["provisioner-memory-guard"] = PeriodicCallback(
+            functools.partial(_memory_guard, worker), MEMORY_GUARD_INTERVAL * 1000)
+        worker.periodic_callbacks["provisioner-memory-guard"].start()
     return worker
+
+
+#: Like Dask's nanny (which we do without: it would cost a second process per worker), a
+#: worker past this fraction of its memory limit is ended; the service then replaces it.
+MEMORY_TERMINATE_FRACTION = 0.95
+MEMORY_GUARD_INTERVAL = 0.25
+
+
+def _memory_guard(worker: Worker) -> None:
+    """Keep the memory limit honest: end this worker if it uses more than it was given."""
+    limit = worker.memory_manager.memory_limit or 0
+    rss = psutil.Process().memory_info().rss
+    if limit and rss > MEMORY_TERMINATE_FRACTION * limit:
+        print(f"worker {worker.name}: {rss} bytes in use, over {MEMORY_TERMINATE_FRACTION:.0%} of "
+              f"its {limit}-byte limit: ending it", file=sys.stderr, flush=True)
+        os._exit(MEMORY_EXIT_CODE)
 
 
 def _report_ready(fd: int | None, info: dict[str, Any]) -> None:

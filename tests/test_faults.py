@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 from distributed import Client
 
 from clusters.local.procs import is_alive
@@ -54,5 +55,37 @@ def test_killed_scheduler_fails_the_cluster_and_releases_quota(service: ServiceP
             assert http.get("/tenants/me").json()["usage"] == base
             r = http.post(f"/clusters/{cid}/scale", json={"workers": 2})
             assert r.status_code == 409
+        finally:
+            http.delete(f"/clusters/{cid}")
+
+
+def _hog(megabytes: int) -> int:
+    import time
+
+    data = b"\1" * (megabytes << 20)  # really written, so really resident
+    time.sleep(3)
+    return len(data)
+
+
+def test_memory_limit_is_enforced(service: ServiceProcess) -> None:
+    """A worker that outgrows its limit is ended (as Dask's nanny would) and replaced."""
+    from distributed.scheduler import KilledWorker
+
+    with service.client("alpha") as http:
+        c = http.post("/clusters?wait=60", json={"workers": 1, "worker_memory": "300MiB",
+                                                 "project": "faults"}).json()
+        cid = c["id"]
+        try:
+            with Client(c["scheduler_address"], security=service.security("alpha", cid),
+                        timeout=30) as client:
+                client.wait_for_workers(1, timeout=60)
+                first = client.run(os.getpid)
+                assert client.submit(_hog, 50, pure=False).result(timeout=60) == 50 << 20
+                with pytest.raises(KilledWorker):
+                    client.submit(_hog, 400, pure=False).result(timeout=120)
+                client.wait_for_workers(1, timeout=60)
+                assert set(client.run(os.getpid).values()).isdisjoint(first.values())
+                assert client.submit(sum, [1, 2]).result(timeout=60) == 3
+            assert http.get(f"/clusters/{cid}").json()["status"] == "running"
         finally:
             http.delete(f"/clusters/{cid}")
