@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import signal
@@ -59,20 +60,24 @@ def worker_options(spec: ClusterSpec, address: str, name: str, death_timeout: fl
     }
 
 
+HAVE_BOKEH = importlib.util.find_spec("bokeh") is not None
+
+
 def _protocol(options: dict[str, Any]) -> str:
     return "tls://" if options.get("credentials") else "tcp://"
 
 
 async def _scheduler(options: dict[str, Any]) -> Scheduler:
     host = options.get("host", "127.0.0.1")
-    dashboard = options.get("dashboard_port")
     scheduler = Scheduler(
         host=host,
         port=options.get("port", 0),
         protocol=_protocol(options),
         security=security_from(options.get("credentials")),
-        dashboard=dashboard is not None,
-        dashboard_address=f"{host}:{dashboard}" if dashboard is not None else None,
+        # The HTTP server always runs (health, metrics): on our host and a port we chose,
+        # never Dask's default of 8787 on every interface. The dashboard needs bokeh.
+        dashboard=HAVE_BOKEH,
+        dashboard_address=f"{host}:{options.get('dashboard_port') or 0}",
         validate=False,
     )
     scheduler.add_plugin(ProvisionerPlugin(reap=options.get("reap")))
@@ -131,7 +136,7 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
     if role == "scheduler":
         server = await _scheduler(options)
         dashboard = None
-        if server.http_server is not None and options.get("dashboard_port") is not None:
+        if server.http_server is not None and HAVE_BOKEH:
             dashboard = f"http://{options.get('host', '127.0.0.1')}:{server.http_server.port}/status"
         _report_ready(ready_fd, {"address": server.address, "dashboard": dashboard})
     elif role == "worker":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from distributed import Client
 
@@ -42,6 +43,8 @@ def test_create_wait_returns_running_cluster_a_client_computes_on(
     for field in ("id", "dashboard_url", "adaptive", "idle_timeout", "created_at",
                   "stopped_at", "stop_reason"):
         assert field in c
+    assert c["dashboard_url"].startswith("http://127.0.0.1:")
+    assert httpx.get(c["dashboard_url"], timeout=30, follow_redirects=True).status_code == 200
     security = service.security("alpha", c["id"])
     with Client(c["scheduler_address"], security=security, timeout=30) as client:
         client.wait_for_workers(1, timeout=60)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from distributed import Client
 
@@ -149,6 +150,10 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     offered = master.state()["agents"][0]["total"]
     ports = next(r["ranges"]["range"][0] for r in offered if r["name"] == "ports")
     assert ports["begin"] <= port <= ports["end"], (port, ports)  # a port from the offer
+    # The dashboard listens on a second port of the offer.
+    dashboard_port = int(c["dashboard_url"].split(":")[2].split("/")[0])
+    assert ports["begin"] <= dashboard_port <= ports["end"] and dashboard_port != port
+    assert httpx.get(c["dashboard_url"], timeout=30, follow_redirects=True).status_code == 200
     fw = framework(master)
     assert fw["roles"] == ["acme"] and "MULTI_ROLE" in fw["capabilities"]
     names = computes(svc, "acme", c, 1)

@@ -78,6 +78,7 @@ def _preload() -> None:
         *dask.config.get("distributed.scheduler.http.routes", []),
         *dask.config.get("distributed.worker.http.routes", []),
         "distributed.diagnostics.websocket", "distributed.http.proxy", "distributed.http.statics",
+        "distributed.dashboard.scheduler",  # the bokeh dashboard, when bokeh is installed
         "tornado.platform.asyncio", "prometheus_client",
         # reading package metadata (entry points of comm backends and plugins) needs these
         "email.policy", "email.headerregistry", "email.contentmanager",

@@ -77,6 +77,7 @@ class TaskRef:
     agent_id: str | None = None
     host: str | None = None
     port: int | None = None
+    dashboard_port: int | None = None
     state: str = PENDING
     #: monotonic time of the last status seen (reconciliation wants answers per round)
     seen: float = 0.0
@@ -84,12 +85,13 @@ class TaskRef:
 
     def as_dict(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "agent_id": self.agent_id, "host": self.host,
-                "port": self.port, "cpus": self.resources[0], "mem": self.resources[1]}
+                "port": self.port, "dashboard_port": self.dashboard_port,
+                "cpus": self.resources[0], "mem": self.resources[1]}
 
     @classmethod
     def from_dict(cls, kind: Kind, data: dict[str, Any]) -> TaskRef:
         return cls(data["task_id"], kind, data.get("agent_id"), data.get("host"),
-                   data.get("port"), state="RECOVERING",
+                   data.get("port"), data.get("dashboard_port"), state="RECOVERING",
                    resources=(float(data.get("cpus") or 0), float(data.get("mem") or 0)))
 
 
@@ -338,6 +340,7 @@ class MesosBackend(Backend):
                         continue
                     ref.agent_id, ref.host = pool.agent_id, pool.hostname
                     ref.port = p.ports[0] if p.ports else None
+                    ref.dashboard_port = p.ports[1] if len(p.ports) > 1 else None
                     ref.state = LAUNCHED
                     ref.resources = (request.cpus, request.mem)
                     infos.append(task_info(request, pool.agent_id, pool.hostname, p.resources,
@@ -641,7 +644,8 @@ class MesosBackend(Backend):
         finally:
             cluster.launching = False
         protocol = "tls://" if spec.credentials else "tcp://"
-        return SchedulerEndpoint(f"{protocol}{ref.host}:{ref.port}")
+        dashboard = f"http://{ref.host}:{ref.dashboard_port}/status" if ref.dashboard_port else None
+        return SchedulerEndpoint(f"{protocol}{ref.host}:{ref.port}", dashboard)
 
     async def _run_scheduler(self, cluster: _Cluster, spec: ClusterSpec) -> TaskRef:
         """Launch one scheduler task; return once it runs and accepts connections."""
@@ -661,7 +665,7 @@ class MesosBackend(Backend):
             task_id=task_id, cluster_id=spec.cluster_id, tenant=spec.tenant, kind="scheduler",
             role=spec.role, cpus=mesos_cpus(spec.scheduler_cores),
             mem=mesos_mem(spec.scheduler_memory), options=scheduler_options(spec),
-            env=dict(spec.env), image=spec.image,
+            env=dict(spec.env), image=spec.image, ports=2,  # Dask's port and the dashboard's
         ))
         await self._save(spec.cluster_id)
         try:

@@ -70,6 +70,8 @@ def task_info(request: TaskRequest, agent_id: str, hostname: str,
     options = dict(request.options, host=hostname)
     if ports:
         options["port"] = ports[0]
+    if request.kind == "scheduler" and len(ports) > 1:
+        options["dashboard_port"] = ports[1]
     env = {}
     if request.kind == "worker":
         env.update(WORKER_ENV)
