@@ -83,6 +83,7 @@ ENDPOINTS = [
 
 @pytest.mark.parametrize(("method", "path", "body"), [
     *ENDPOINTS, ("GET", "/clusters", None), ("POST", "/clusters", {}), ("GET", "/tenants/me", None),
+    ("GET", "/tenants/me/usage", None),
 ])
 def test_every_endpoint_refuses_missing_and_wrong_tokens(
     service: ServiceProcess, alpha_cluster: dict[str, Any], method: str, path: str, body: Any

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service import ServiceProcess, wait_until
+from tests.service import ServiceProcess, tenant, wait_until
 
 
 def _samples(service: ServiceProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -68,3 +69,13 @@ def test_metrics_and_usage_follow_a_cluster(service: ServiceProcess) -> None:
     assert all(f"tenant=beta cluster={c['id']}" in line for line in lines), lines
     with service.client("alpha") as http:
         assert "books" not in {p["project"] for p in http.get("/tenants/me/usage").json()["projects"]}
+
+
+def test_metrics_token_guards_metrics(make_service: Any) -> None:
+    svc = make_service([tenant("acme")], env={"PROVISIONER_METRICS_TOKEN": "ops-secret"}).start()
+    for token in (None, "token-acme", "ops-secre"):
+        with svc.client(None, token=token) as http:
+            assert http.get("/metrics").status_code == 401
+    with svc.client(None, token="ops-secret") as http:
+        r = http.get("/metrics")
+    assert r.status_code == 200 and "provisioner_cores" in r.text
