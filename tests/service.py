@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import yaml
 
-from clusters.local.backend import owned_processes, owner_key
-from clusters.local.procs import ProcessRef, is_alive
+from clusters.local.backend import OWNER_VAR, owned_processes, owner_key
+from clusters.local.procs import ProcessRef, is_alive, ref_for
 from provisioner.tenants import hash_token
 
 MiB = 2**20
@@ -147,6 +147,22 @@ class ServiceProcess:
         return Security(tls_ca_file=c["tls_ca"], tls_client_cert=c["tls_cert"],
                         tls_client_key=c["tls_key"], require_encryption=True)
 
+    def zygotes(self) -> list[int]:
+        """This service's fork servers: marked as its own, running the zygote, no group leaders."""
+        marker = f"{OWNER_VAR}={owner_key(self.data_dir)}:forkserver".encode()
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if b"clusters.local.zygote" in cmdline and marker in environ \
+                        and os.getpgid(pid) != pid and ref_for(pid) is not None:
+                    found.append(pid)
+        return found
+
     def owned(self) -> list[Any]:
         return owned_processes(owner_key(self.data_dir))
 
@@ -161,6 +177,9 @@ class ServiceProcess:
         for ref in self.owned():
             with contextlib.suppress(OSError):
                 os.killpg(ref.pid, signal.SIGKILL)
+        for pid in self.zygotes():  # it follows the service by itself; this is for certain
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while any(is_alive(r) for r in self.owned()) and time.monotonic() < deadline:
             time.sleep(0.1)

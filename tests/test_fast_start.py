@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from distributed import Client
 
 from clusters.base import ClusterSpec
-from clusters.local.backend import LocalBackend, owner_key
+from clusters.local.backend import LocalBackend
 from clusters.local.forkserver import ForkServerLauncher
 from clusters.local.procs import ProcessRef, is_alive, ref_for, terminate
 from clusters.local.spawn import ProcessLauncher
@@ -24,25 +24,6 @@ from tests.service import MiB, ServiceProcess, tenant, wait_until
 
 MakeService = Callable[..., ServiceProcess]
 SECRET = "DASK_PROVISIONER_TEST_SECRET"
-
-
-def _zygotes(svc: ServiceProcess) -> list[int]:
-    """Fork servers of this service: marked as its own, running the zygote, not group leaders."""
-    marker = f"DASK_PROVISIONER_OWNER={owner_key(svc.data_dir)}:forkserver".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-            if b"clusters.local.zygote" in cmdline and marker in environ \
-                    and os.getpgid(pid) != pid and ref_for(pid) is not None:
-                found.append(pid)
-    return found
 
 
 def _parent(pid: int) -> int:
@@ -66,26 +47,6 @@ def _pids(c: dict[str, Any], workers: int = 1) -> tuple[int, list[int]]:
     return scheduler, workers_pids
 
 
-@pytest.fixture
-def services(make_service: MakeService) -> Iterator[MakeService]:
-    """``make_service`` that also kills any fork server left behind, even if a test fails."""
-    made: list[ServiceProcess] = []
-
-    def make(*args: Any, **kwargs: Any) -> ServiceProcess:
-        svc = make_service(*args, **kwargs)
-        made.append(svc)
-        return svc
-
-    try:
-        yield make
-    finally:
-        for svc in made:
-            svc.cleanup()
-            for pid in _zygotes(svc):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-
-
 def _memory_holds(pid: int, needle: bytes) -> bool:
     """Whether any readable mapping of ``pid`` contains ``needle`` (needs ptrace rights)."""
     with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
@@ -101,8 +62,8 @@ def _memory_holds(pid: int, needle: bytes) -> bool:
     return False
 
 
-def test_forked_processes_get_exactly_their_environment(services: MakeService) -> None:
-    svc = services([tenant("acme")], args=["--no-tls"], env={SECRET: "hunter2"}).start()
+def test_forked_processes_get_exactly_their_environment(make_service: MakeService) -> None:
+    svc = make_service([tenant("acme")], args=["--no-tls"], env={SECRET: "hunter2"}).start()
     tenant_secret = os.urandom(12).hex()
     c = _create(svc, "acme", workers=1, env={
         "TENANT_SETTING": tenant_secret, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
@@ -121,7 +82,7 @@ def test_forked_processes_get_exactly_their_environment(services: MakeService) -
             lambda: __import__("logging").getLogger("distributed").level, pure=False,
         ).result(timeout=60)
 
-    assert _parent(scheduler_pid) in _zygotes(svc), "the scheduler must come from the fork server"
+    assert _parent(scheduler_pid) in svc.zygotes(), "the scheduler must come from the fork server"
     # What LocalBackend.environment() computes (the test runs with the service's env minus SECRET).
     spec = ClusterSpec(cluster_id=c["id"], tenant="acme", role="acme", worker_cores=1,
                        worker_memory=512 * MiB, scheduler_cores=0.5, scheduler_memory=256 * MiB,
@@ -136,14 +97,14 @@ def test_forked_processes_get_exactly_their_environment(services: MakeService) -
     assert worker_log_level == 10, "logging must follow the cluster's own config (DEBUG here)"
     # The next cluster forks from the zygote: it must hold nothing of this one's request.
     try:
-        leaked = _memory_holds(_zygotes(svc)[0], tenant_secret.encode())
+        leaked = _memory_holds(svc.zygotes()[0], tenant_secret.encode())
     except PermissionError:
         pytest.skip("no permission to read the fork server's memory")
     assert not leaked, "a tenant's environment reached the fork server's memory"
 
 
-def test_clusters_are_distinct_sessions_and_survive_a_killed_service(services: MakeService) -> None:
-    svc = services([tenant("acme"), tenant("zeta")], args=["--no-tls"]).start()
+def test_clusters_are_distinct_sessions_and_survive_a_killed_service(make_service: MakeService) -> None:
+    svc = make_service([tenant("acme"), tenant("zeta")], args=["--no-tls"]).start()
     clusters = [_create(svc, "acme", workers=1), _create(svc, "acme", workers=1),
                 _create(svc, "zeta", workers=2)]
     pids = [_pids(c, workers=c["workers"]["requested"]) for c in clusters]
@@ -151,7 +112,7 @@ def test_clusters_are_distinct_sessions_and_survive_a_killed_service(services: M
     assert len(every) == len(set(every)) == 7, f"a process shared between clusters: {pids}"
     for pid in every:
         assert os.getpgid(pid) == pid and os.getsid(pid) == pid, "each leads its own session"
-    zygotes = _zygotes(svc)
+    zygotes = svc.zygotes()
     assert len(zygotes) == 1
     owned = {r.pid for r in svc.owned()}
     assert set(every) <= owned, "the restart sweep must see forked processes as ours"
@@ -159,7 +120,7 @@ def test_clusters_are_distinct_sessions_and_survive_a_killed_service(services: M
 
     refs = [ref_for(p) for p in every]
     svc.kill()
-    wait_until(lambda: not _zygotes(svc), timeout=10, what="the fork server to follow the service")
+    wait_until(lambda: not svc.zygotes(), timeout=10, what="the fork server to follow the service")
     assert all(r is not None and is_alive(r) for r in refs), "clusters must outlive the service"
 
     svc.start()
@@ -180,7 +141,7 @@ def test_clusters_are_distinct_sessions_and_survive_a_killed_service(services: M
     wait_until(lambda: not any(r is not None and is_alive(r) for r in refs), timeout=15,
                what="every cluster process gone")
     assert svc.signal(signal.SIGTERM) == 0
-    wait_until(lambda: not _zygotes(svc) and not svc.owned(), timeout=15,
+    wait_until(lambda: not svc.zygotes() and not svc.owned(), timeout=15,
                what="no fork server and no cluster process after shutdown")
 
 
