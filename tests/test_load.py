@@ -8,17 +8,21 @@ no orphaned process, no quota left in use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 
-from clusters.local.procs import is_alive
 from tests.service import GiB, ServiceProcess, tenant, wait_until
+from tests.test_mesos_backend import mesos, on_mesos, tasks
+
+__all__ = ["mesos"]  # the fixture, shared with the Mesos backend tests
 
 TENANTS = {"red": 3.0, "green": 3.0, "blue": 2.5}  # cores each; memory is never the limit
 MakeService = Callable[..., ServiceProcess]
@@ -91,8 +95,34 @@ async def _storm(svc: ServiceProcess, seconds: float, on_the_way: Callable[[], N
     return statuses, ids, samples
 
 
-def _settle_and_check(svc: ServiceProcess) -> dict[str, dict[str, Any]]:
-    """Wait until no record is in flux, then check records against processes and quotas."""
+@dataclass
+class Deployment:
+    """A service on one backend, and what runs for it: processes (local) or tasks (Mesos)."""
+
+    svc: ServiceProcess
+    runs_of: Callable[[str], set[Any]]
+    running: Callable[[], set[Any]]
+
+
+@pytest.fixture(params=["local", "mesos"])
+def deploy(request: pytest.FixtureRequest, make_service: MakeService,
+           mesos: Any) -> Callable[[], Deployment]:
+    def make() -> Deployment:
+        if request.param == "local":
+            svc = make_service(_tenants()).start()
+            return Deployment(svc, lambda cid: {p.pid for p in svc.processes_of(cid)},
+                              lambda: {p.pid for p in svc.owned()})
+        master = mesos(agents=2, agent_cpus=5, agent_mem=8192)
+        svc = on_mesos(make_service, master, _tenants()).start()
+        return Deployment(svc, lambda cid: {t["task_id"] for t in tasks(master, cid)},
+                          lambda: {t["task_id"] for t in tasks(master)})
+
+    return make
+
+
+def _settle_and_check(d: Deployment) -> dict[str, dict[str, Any]]:
+    """Wait until no record is in flux, then check records against what runs, and quotas."""
+    svc = d.svc
     records: dict[str, dict[str, Any]] = {}
     for name in TENANTS:
         with svc.client(name) as http:
@@ -105,62 +135,47 @@ def _settle_and_check(svc: ServiceProcess) -> dict[str, dict[str, Any]]:
                 records[c["id"]] = c
     live = [c for c in records.values() if c["status"] == "running"]
     for c in live:
-        wait_until(lambda c=c: len(svc.processes_of(c["id"])) == 1 + c["workers"]["requested"],
+        wait_until(lambda c=c: len(d.runs_of(c["id"])) == 1 + c["workers"]["requested"],
                    timeout=90, what=f"{c['id']} runs {c['workers']['requested']} workers")
     for c in records.values():
         if c["status"] == "failed":
             assert c["stop_reason"].startswith("failed: "), c
         if c["status"] in ("stopped", "failed"):
-            assert not svc.processes_of(c["id"]), c
-    # No orphans: everything the service owns belongs to a running record.
-    expected = {p.pid for c in live for p in svc.processes_of(c["id"])}
-    wait_until(lambda: {p.pid for p in svc.owned()} <= expected | _non_cluster(svc), timeout=30,
-               what="no orphaned processes")
+            wait_until(lambda c=c: not d.runs_of(c["id"]), timeout=30, what=f"{c['id']} gone")
+    # No orphans: everything that runs belongs to a running record.
+    expected = set().union(*(d.runs_of(c["id"]) for c in live)) if live else set()
+    wait_until(lambda: d.running() <= expected, timeout=30, what="no orphaned processes")
     return records
 
 
-def _non_cluster(svc: ServiceProcess) -> set[int]:
-    """The local backend's own helper process (its fork server), which is not a cluster."""
-    pids = set()
-    for p in svc.owned():
-        try:
-            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"clusters.local.zygote" in cmdline or b"forkserver" in cmdline:
-            pids.add(p.pid)
-    return pids
-
-
-def _delete_all_and_check_empty(svc: ServiceProcess, records: dict[str, dict[str, Any]]) -> int:
+def _delete_all_and_check_empty(d: Deployment) -> int:
+    svc = d.svc
     for name in TENANTS:
         with svc.client(name) as http:
             for c in http.get("/clusters").json()["clusters"]:
                 http.delete(f"/clusters/{c['id']}")
-    leaks = 0
     for name in TENANTS:
         with svc.client(name) as http:
             usage = wait_until(lambda http=http: (u := http.get("/tenants/me").json()["usage"])
                                and u["clusters"] == 0 and u, timeout=120, what="quota released")
             assert usage == {"clusters": 0, "cores": 0.0, "memory": 0, "workers": 0}
-    wait_until(lambda: not (set(p.pid for p in svc.owned()) - _non_cluster(svc)), timeout=60,
-               what="every cluster process gone")
-    leaks += len({p.pid for p in svc.owned()} - _non_cluster(svc))
-    return leaks
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not d.running(), timeout=60, what="every cluster process gone")
+    return len(d.running())
 
 
 def _tenants() -> list[dict[str, Any]]:
     return [tenant(name, cores=cores, memory=16 * GiB, clusters=3) for name, cores in TENANTS.items()]
 
 
-def test_load_from_several_tenants(make_service: MakeService) -> None:
-    svc = make_service(_tenants()).start()
-    statuses, ids, samples = asyncio.run(_storm(svc, seconds=12))
-    records = _settle_and_check(svc)
+def test_load_from_several_tenants(deploy: Callable[[], Deployment]) -> None:
+    d = deploy()
+    statuses, ids, samples = asyncio.run(_storm(d.svc, seconds=12))
+    _settle_and_check(d)
     created = sum(len(v) for v in ids.values())
     for name, usage in samples:
         assert usage["cores"] <= TENANTS[name] + 1e-9 and usage["clusters"] <= 3, (name, usage)
-    leaks = _delete_all_and_check_empty(svc, records)
+    leaks = _delete_all_and_check_empty(d)
     print(f"\nload: {sum(statuses.values())} requests, by status {dict(sorted(statuses.items()))}, "
           f"{created} clusters created, {len(samples)} quota samples, leaks {leaks}")
     assert statuses[500] == 0 and created >= 3 and samples
@@ -168,12 +183,13 @@ def test_load_from_several_tenants(make_service: MakeService) -> None:
     assert leaks == 0
 
 
-def test_sigkill_in_the_middle_of_creates_scales_and_deletes(make_service: MakeService) -> None:
-    svc = make_service(_tenants()).start()
+def test_sigkill_in_the_middle_of_creates_scales_and_deletes(deploy: Callable[[], Deployment]) -> None:
+    d = deploy()
+    svc = d.svc
     statuses, _, _ = asyncio.run(_storm(svc, seconds=6, on_the_way=svc.kill))
     assert statuses[500] == 0
     svc.start()
-    records = _settle_and_check(svc)
+    records = _settle_and_check(d)
     for name in TENANTS:
         with svc.client(name) as http:
             usage = http.get("/tenants/me").json()["usage"]
@@ -186,7 +202,5 @@ def test_sigkill_in_the_middle_of_creates_scales_and_deletes(make_service: MakeS
         c = running[0]
         with svc.client(c["tenant"]) as http:
             assert http.post(f"/clusters/{c['id']}/scale", json={"workers": 0}).status_code == 200
-            wait_until(lambda: len(svc.processes_of(c["id"])) == 1, what="scaled to zero")
-    pids = [p for c in records.values() for p in svc.processes_of(c["id"])]
-    assert _delete_all_and_check_empty(svc, records) == 0
-    assert not any(is_alive(p) for p in pids)
+            wait_until(lambda: len(d.runs_of(c["id"])) == 1, what="scaled to zero")
+    assert _delete_all_and_check_empty(d) == 0
