@@ -2,12 +2,15 @@
 
 Every write goes through here, so the cache of live records is always what the store holds,
 and anything waiting for a change (``?wait=``, a cluster's runner) wakes on the write itself
-instead of polling.
+instead of polling. Writes to one cluster are taken one at a time: the store runs them on a
+pool of threads, and two that finish out of order would otherwise leave the older record in
+the cache (a cluster the store has ended still holding quota in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +29,16 @@ class Records:
         self._live: dict[str, ClusterRecord] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.listeners: list[Listener] = []
+        self._write_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _write_lock(self, cluster_id: str) -> asyncio.Lock:
+        """The lock that orders writes to one cluster; it lives while anyone holds it."""
+        lock = self._write_locks.get(cluster_id)
+        if lock is None:
+            lock = self._write_locks[cluster_id] = asyncio.Lock()
+        return lock
 
     def _put(self, record: ClusterRecord) -> ClusterRecord:
         previous = self._live.get(record.id)
@@ -60,12 +73,14 @@ class Records:
 
     async def resize(self, cluster_id: str, quota: Quota, workers: int, *,
                      best_effort: bool = False, **changes: Any) -> ClusterRecord:
-        record = await self.store.resize(cluster_id, quota, workers, best_effort=best_effort,
-                                         **changes)
-        return self._put(record)
+        async with self._write_lock(cluster_id):
+            record = await self.store.resize(cluster_id, quota, workers,
+                                             best_effort=best_effort, **changes)
+            return self._put(record)
 
     async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:
-        return self._put(await self.store.update(cluster_id, **changes))
+        async with self._write_lock(cluster_id):
+            return self._put(await self.store.update(cluster_id, **changes))
 
     async def usage(self, tenant: str) -> Usage:
         return Usage.of(r for r in self._live.values() if r.tenant == tenant)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from provisioner.models import ClusterRecord, Status, new_cluster_id
 from provisioner.quota import QuotaExceeded
+from provisioner.records import Records
 from provisioner.store import NotFound, Store
 from provisioner.tenants import Quota
 
@@ -81,3 +83,35 @@ async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path
     with pytest.raises(NotFound):
         await again.get("c-nope")
     await again.close()
+
+
+async def test_cache_follows_commit_order_when_writes_finish_out_of_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writes to one cluster race through the store's threads; the first to commit is
+    made slow to return. The cache must still end with what the database holds, or a cluster
+    the store has ended would keep holding quota in memory."""
+    records = Records(store)
+    rec = await records.admit(fresh(workers=0), Quota(cores=4, memory=8 * GiB))
+    await records.update(rec.id, status=Status.STARTING)
+    await records.update(rec.id, status=Status.RUNNING)
+    original = store._update
+    calls = 0
+
+    def slow_first(cluster_id: str, changes: dict[str, object]) -> ClusterRecord:
+        nonlocal calls
+        calls += 1
+        result = original(cluster_id, changes)
+        if calls == 1:
+            time.sleep(0.3)  # committed, but its answer reaches the loop last
+        return result
+
+    monkeypatch.setattr(store, "_update", slow_first)
+    first = asyncio.create_task(records.update(rec.id, workers_running=1))
+    await asyncio.sleep(0.05)
+    await records.update(rec.id, status=Status.FAILED, stop_reason="failed: test")
+    await first
+    in_db = await store.get(rec.id)
+    assert in_db.status == Status.FAILED
+    assert records.cached(rec.id) is None
+    assert (await records.usage("t")).clusters == 0
