@@ -63,9 +63,11 @@ async def list_clusters(
     service: ServiceDep,
     status: Status | None = None,
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
+    after: Annotated[str | None, Query(max_length=64, description="`next` of the last page")] = None,
 ) -> ClusterList:
-    records = await service.list(tenant, status, project)
-    return ClusterList(clusters=[ClusterOut.of(r) for r in records])
+    records, next_id = await service.list(tenant, status, project, limit, after)
+    return ClusterList(clusters=[ClusterOut.of(r) for r in records], next=next_id)
 
 
 @router.get("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})

@@ -117,6 +117,8 @@ class ClusterOut(BaseModel):
 
 class ClusterList(BaseModel):
     clusters: list[ClusterOut]
+    next: str | None = Field(
+        None, description="pass as ?after= for the next page; null on the last page")
 
 
 class Credentials(BaseModel):

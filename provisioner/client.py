@@ -48,6 +48,8 @@ ENDING = TERMINAL | {"stopping"}
 #: Longest single long-poll asked of the service (its limit is 600 s).
 MAX_POLL = 60.0
 DEFAULT_START_TIMEOUT = 300.0
+#: Clusters asked for per request when listing; the SDK follows `next` to the end.
+LIST_PAGE = 500
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -246,9 +248,15 @@ class Provisioner(SyncMethodMixin):
         return ClusterInfo.from_json(data)
 
     async def _list(self, status: str | None = None, project: str | None = None) -> list[ClusterInfo]:
-        params = {k: v for k, v in (("status", status), ("project", project)) if v}
-        data = await self._request("GET", "/clusters", params=params)
-        return [ClusterInfo.from_json(c) for c in data.get("clusters", [])]
+        params: dict[str, Any] = {k: v for k, v in (("status", status), ("project", project)) if v}
+        params["limit"] = LIST_PAGE
+        infos: list[ClusterInfo] = []
+        while True:
+            data = await self._request("GET", "/clusters", params=params)
+            infos.extend(ClusterInfo.from_json(c) for c in data.get("clusters", []))
+            if not data.get("next"):
+                return infos
+            params["after"] = data["next"]
 
     async def _scale(self, cluster_id: str, workers: int) -> ClusterInfo:
         data = await self._request("POST", f"/clusters/{cluster_id}/scale", json={"workers": workers})

@@ -104,9 +104,20 @@ class Provisioner:
             raise NotFound(cluster_id)
         return record
 
-    async def list(self, tenant: Tenant, status: Status | None = None,
-                   project: str | None = None) -> list[ClusterRecord]:
-        return await self.store.list(tenant.name, [status] if status else None, project)
+    async def list(
+        self, tenant: Tenant, status: Status | None = None, project: str | None = None,
+        limit: int | None = None, after: str | None = None,
+    ) -> tuple[list[ClusterRecord], str | None]:
+        """One page of the tenant's clusters, newest first, and the id to pass as ``after``
+        for the next page (None on the last)."""
+        try:
+            records = await self.store.list(tenant.name, [status] if status else None, project,
+                                            None if limit is None else limit + 1, after)
+        except NotFound:
+            raise InvalidRequest("after", f"no cluster {after} of this tenant") from None
+        if limit is not None and len(records) > limit:
+            return records[:limit], records[limit - 1].id
+        return records, None
 
     async def wait(self, tenant: Tenant, cluster_id: str, timeout: float) -> ClusterRecord:
         """Long-poll: return once the cluster is running (or terminal), or after ``timeout``."""

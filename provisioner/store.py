@@ -240,25 +240,36 @@ class Store:
 
     def _list(
         self, tenant: str | None, statuses: list[Status] | None, project: str | None,
-        limit: int | None,
+        limit: int | None, after: str | None = None,
     ) -> list[ClusterRecord]:
-        query = sa.select(clusters_table).order_by(clusters_table.c.created_at.desc())
+        c = clusters_table.c
+        query = sa.select(clusters_table).order_by(c.created_at.desc(), c.id.desc())
         if tenant is not None:
-            query = query.where(clusters_table.c.tenant == tenant)
+            query = query.where(c.tenant == tenant)
         if statuses:
-            query = query.where(clusters_table.c.status.in_([s.value for s in statuses]))
+            query = query.where(c.status.in_([s.value for s in statuses]))
         if project is not None:
-            query = query.where(clusters_table.c.project == project)
+            query = query.where(c.project == project)
         if limit is not None:
             query = query.limit(limit)
         with self._tx() as conn:
+            if after is not None:
+                mark = conn.execute(
+                    sa.select(c.created_at).where(c.id == after, c.tenant == tenant)
+                    if tenant is not None else sa.select(c.created_at).where(c.id == after)
+                ).scalar()
+                if mark is None:
+                    raise NotFound(after)
+                query = query.where(sa.or_(c.created_at < mark,
+                                           sa.and_(c.created_at == mark, c.id < after)))
             return [_row_to_record(r) for r in conn.execute(query)]
 
     async def list(
         self, tenant: str | None = None, statuses: list[Status] | None = None,
-        project: str | None = None, limit: int | None = None,
+        project: str | None = None, limit: int | None = None, after: str | None = None,
     ) -> list[ClusterRecord]:
-        return await self._call(self._list, tenant, statuses, project, limit)
+        """Newest first; ``after`` (a cluster id) starts just past that cluster, for paging."""
+        return await self._call(self._list, tenant, statuses, project, limit, after)
 
     async def list_live(self) -> list[ClusterRecord]:
         return await self.list(statuses=list(LIVE))

@@ -72,6 +72,37 @@ def test_list_filters_and_order(service: ServiceProcess, alpha_cluster: dict[str
         assert http.get("/clusters", params={"status": "bogus"}).status_code == 422
 
 
+def test_list_pages_follow_next_to_the_same_list(
+    service: ServiceProcess, alpha_cluster: dict[str, Any]
+) -> None:
+    with service.client("alpha") as http:
+        extra = http.post("/clusters", json={"workers": 0, "project": "paging"}).json()
+        try:
+            whole = http.get("/clusters").json()
+            assert whole["next"] is None and len(whole["clusters"]) >= 2
+            paged: list[str] = []
+            params: dict[str, Any] = {"limit": 1}
+            while True:
+                page = http.get("/clusters", params=params).json()
+                assert len(page["clusters"]) == 1
+                paged += [c["id"] for c in page["clusters"]]
+                if page["next"] is None:
+                    break
+                assert page["next"] == paged[-1]
+                params["after"] = page["next"]
+            assert paged == [c["id"] for c in whole["clusters"]]
+            for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "ten"}):
+                r = http.get("/clusters", params=bad)
+                assert r.status_code == 422 and "limit" in r.json()["detail"], (bad, r.text)
+            r = http.get("/clusters", params={"after": "c-nope"})
+            assert r.status_code == 422 and r.json()["detail"].startswith("after: "), r.text
+        finally:
+            http.delete(f"/clusters/{extra['id']}")
+    with service.client("beta") as http:  # another tenant's id is no cursor either
+        r = http.get("/clusters", params={"after": alpha_cluster["id"]})
+        assert r.status_code == 422 and "after" in r.json()["detail"], r.text
+
+
 ENDPOINTS = [
     ("GET", "/clusters/{id}", None),
     ("GET", "/clusters/{id}/credentials", None),
