@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import routes_clusters, routes_tenants
@@ -39,6 +40,18 @@ async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     return _error(422, detail, errors)
 
 
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI answers a body it cannot decode (bad UTF-8, say) with a bare 400; our contract
+    is 422 naming the field, like every other bad input."""
+    if exc.status_code == 400:
+        detail = f"body: {exc.detail}" if isinstance(exc.detail, str) else "body: cannot be parsed"
+        return _error(422, detail, [{"field": "body", "message": str(exc.detail)}])
+    response = _error(exc.status_code, str(exc.detail))
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
 class BodyLimit:
     """Refuse request bodies over ``limit`` bytes before they are read into memory."""
 
@@ -52,9 +65,9 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_big = JSONResponse(
-            {"detail": f"body: request body larger than {self.limit} bytes"}, status_code=413
-        )
+        # 422 like every other bad input (the contract's choice over 413), naming the field.
+        too_big = _error(422, f"body: request body larger than {self.limit} bytes",
+                         [{"field": "body", "message": f"larger than {self.limit} bytes"}])
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await too_big(scope, receive, send)
             return
@@ -102,6 +115,7 @@ def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastA
     app.include_router(routes_tenants.router)
 
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:

@@ -25,7 +25,7 @@ from provisioner.tls import client_credentials
 router = APIRouter(
     prefix="/clusters",
     tags=["clusters"],
-    responses={401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}},
 )
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]

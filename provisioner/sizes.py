@@ -36,17 +36,26 @@ def _split(text: str, units: dict[str, int], what: str) -> float:
 
 
 def _finite(value: float, what: str) -> float:
-    if isinstance(value, bool) or not math.isfinite(value):
+    if not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number")
     if value < 0:
         raise ValueError(f"{what} must not be negative")
     return value
 
 
+def _number(value: object, units: dict[str, int], what: str, example: str) -> float:
+    """A finite, non-negative number from a number or a string with a unit; anything else
+    (a list, a bool, null) is refused by name rather than reaching ``float()``."""
+    if isinstance(value, str):
+        return _finite(_split(value, units, f"a {what}"), what)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} must be a number or a string such as {example!r}")
+    return _finite(float(value), what)
+
+
 def parse_bytes(value: int | float | str) -> int:
     """Bytes from an int or a string such as ``"2GiB"`` / ``"512MB"``."""
-    number = _split(value, _BYTE_UNITS, "a size") if isinstance(value, str) else value
-    number = _finite(float(number), "size")
+    number = _number(value, _BYTE_UNITS, "size", "2GiB")
     if number > MAX_BYTES:
         raise ValueError(f"size {value!r} is larger than {MAX_BYTES} bytes")
     return int(number)
@@ -54,8 +63,7 @@ def parse_bytes(value: int | float | str) -> int:
 
 def parse_seconds(value: int | float | str) -> float:
     """Seconds from a number or a string such as ``"30m"`` / ``"1h"`` / ``"45s"``."""
-    number = _split(value, _TIME_UNITS, "a duration") if isinstance(value, str) else value
-    number = _finite(float(number), "duration")
+    number = _number(value, _TIME_UNITS, "duration", "30m")
     if number > MAX_SECONDS:
         raise ValueError(f"duration {value!r} is longer than {MAX_SECONDS} seconds")
     return number

@@ -147,6 +147,10 @@ def test_another_tenants_cluster_is_not_found(
     ({"workers": "many"}, "workers"),
     ({"worker_memory": "-1GiB"}, "worker_memory"),
     ({"worker_memory": -5}, "worker_memory"),
+    ({"worker_memory": [1, 2]}, "worker_memory"),
+    ({"worker_memory": True}, "worker_memory"),
+    ({"no_client_timeout": {"s": 1}}, "no_client_timeout"),
+    ({"no_client_timeout": 90000}, "no_client_timeout"),
     ({"worker_cores": "NaN"}, "worker_cores"),
     ({"worker_cores": 0}, "worker_cores"),
     ({"project": "../../etc/passwd"}, "project"),
@@ -173,7 +177,11 @@ def test_malformed_json_and_oversized_bodies(service: ServiceProcess) -> None:
         r = http.post("/clusters", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422
         r = http.post("/clusters", json={"env": {f"V{i}": "x" * 4000 for i in range(40)}})
-        assert r.status_code == 413 and "larger than" in r.json()["detail"]
+        assert r.status_code == 422 and r.json()["detail"].startswith("body: ")
+        assert "larger than" in r.json()["detail"]
+        r = http.post("/clusters", content=b'{"project": "\xff\xfe"}',
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("body: "), r.text
 
 
 def test_quota_refusals_name_the_limit_and_start_nothing(service: ServiceProcess) -> None:
