@@ -1,4 +1,8 @@
-"""The ``provisioner`` command: run the service, make tokens, and talk to a running service."""
+"""The ``provisioner`` command: run the service, make tokens, and talk to a running service.
+
+The server's modules are imported only by the commands that run it, so the tenant-side
+commands work from the SDK's install alone (no FastAPI, SQLAlchemy or backends).
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,28 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
-from provisioner.settings import Settings
-from provisioner.tenants import (
-    TenantDirectory,
-    TenantsFileError,
-    load_tenants,
-    machine_tenant,
-    new_token,
-)
+if TYPE_CHECKING:
+    from provisioner.settings import Settings
+
+SERVER_EXTRA = "pip install 'dask-provisioner[server]'"
 
 app = typer.Typer(help="Per-tenant Dask clusters on demand.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
 
 def _default_token(data_dir: Path) -> str:
     """The embedded default tenant's token, kept in the data folder so it survives restarts."""
+    from provisioner.tenants import new_token
+
     path = data_dir / "default-token"
     if path.exists():
         return path.read_text().strip()
@@ -46,7 +48,7 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     from clusters.base import Backend
     from provisioner.service import Provisioner
     from provisioner.store import Store
-    from provisioner.tenants import hash_token
+    from provisioner.tenants import TenantDirectory, hash_token, load_tenants, machine_tenant
 
     token = None
     if settings.tenants is not None:
@@ -89,12 +91,17 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the service (local backend and an SQLite file unless told otherwise)."""
-    import uvicorn
-    from pydantic import ValidationError
+    try:
+        import uvicorn
+        from pydantic import ValidationError
 
-    from api.app import create_app
-    from provisioner.logs import configure as configure_logging
-    from provisioner.store import StoreError
+        from api.app import create_app
+        from provisioner.logs import configure as configure_logging
+        from provisioner.settings import Settings
+        from provisioner.store import StoreError
+        from provisioner.tenants import TenantsFileError
+    except ImportError as exc:
+        _fail(f"the server is not installed ({exc.name} is missing): {SERVER_EXTRA}")
 
     configure_logging(log_level)
     overrides = {
@@ -134,6 +141,8 @@ def serve(
 @app.command()
 def token() -> None:
     """Print a new random token and its SHA-256 (the hash goes into the tenants file)."""
+    from provisioner.tenants import new_token
+
     value, digest = new_token()
     typer.echo(f"token:        {value}")
     typer.echo(f"token_sha256: {digest}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -47,13 +50,50 @@ def prov(service: ServiceProcess, no_leaks: None) -> Iterator[Provisioner]:
         p.close()
 
 
+# (pydantic is not here: typer itself depends on it.)
+SERVER_ONLY = {"fastapi", "sqlalchemy", "uvicorn", "api", "clusters", "starlette",
+               "pydantic_settings", "kazoo", "prometheus_client", "cryptography", "bokeh"}
+
+
 def test_import_is_light() -> None:
-    code = ("import json, sys, provisioner.client; "
+    code = ("import json, sys, provisioner.client, provisioner.cli, provisioner.cli_client; "
             "print(json.dumps(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in {'fastapi', 'sqlalchemy', 'uvicorn', 'api', 'clusters', "
-            "'starlette', 'pydantic_settings'})))")
+            f"if m.split('.')[0] in {sorted(SERVER_ONLY)!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_sdk_install_does_not_pull_in_the_server() -> None:
+    """The package's own metadata: server pieces only in the ``server`` extra."""
+    base = [r for r in importlib.metadata.requires("dask-provisioner") or [] if "extra ==" not in r]
+    names = {re.split(r"[\s<>=!;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in base}
+    assert names == {"dask", "distributed", "httpx", "typer", "rich"}, names
+
+
+def test_cli_without_the_server_installed() -> None:
+    """With the server's packages unimportable, tenant commands work and ``serve`` says what
+    to install (instead of a traceback)."""
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {sorted(SERVER_ONLY - {'api', 'clusters'})!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from provisioner.cli import main\n"
+        "sys.argv[0] = 'provisioner'\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PROVISIONER_URL": "http://127.0.0.1:9", "PROVISIONER_TOKEN": "t"}
+    helped = subprocess.run([sys.executable, "-c", blocker, "clusters", "--help"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert "list" in helped.stdout
+    served = subprocess.run([sys.executable, "-c", blocker, "serve"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert served.returncode == 2, served.stderr
+    assert "pip install 'dask-provisioner[server]'" in served.stderr
+    assert "Traceback" not in served.stderr
 
 
 def test_defaults_from_env_and_dask_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,6 +147,21 @@ def test_sync_cluster_lifecycle(prov: Provisioner, service: ServiceProcess) -> N
                 {"minimum": 0, "maximum": 3}
         with pytest.raises(ValueError, match="maximum"):
             cluster.adapt(minimum=1)
+
+        # The Jupyter widget's buttons act on the service like the methods do.
+        widget = cluster._widget()
+        assert widget is not None, "ipywidgets is installed with the test extra"
+        status, scaling = widget.children
+        assert cluster.cluster_id in status.value
+        (manual, adaptive) = scaling.children[1].children
+        request, scale_button = manual.children
+        request.value = 1
+        scale_button.click()
+        assert prov.get_cluster(cluster.cluster_id).workers_requested == 1
+        minimum, maximum, adapt_button = adaptive.children
+        minimum.value, maximum.value = 1, 2
+        adapt_button.click()
+        assert prov.get_cluster(cluster.cluster_id).adaptive == (1, 2)
     finally:
         cluster.close()
     assert cluster.status.name == "closed"
