@@ -67,6 +67,13 @@ class BackendEvents(Protocol):
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         """A worker is gone without being asked to stop."""
 
+    async def load_backend_state(self) -> dict[str, Any] | None:
+        """The backend's own state (not a cluster's: a Mesos framework id), kept in the
+        service's database so that a fresh machine with the same database carries on."""
+
+    async def save_backend_state(self, state: dict[str, Any] | None) -> None:
+        """Replace the backend's own state; None forgets it."""
+
 
 class Backend(abc.ABC):
     """Starts and stops the processes (or tasks) of clusters."""

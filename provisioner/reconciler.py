@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -390,3 +391,14 @@ class Reconciler:
         if runner is not None:
             runner.log.info("worker lost name=%s reason=%r", name, reason)
             runner.worker_lost(name, reason)
+
+    def _backend_key(self) -> str:
+        return f"backend:{self.backend.name}"
+
+    async def load_backend_state(self) -> dict[str, Any] | None:
+        raw = await self.records.store.get_meta(self._backend_key())
+        return json.loads(raw) if raw else None
+
+    async def save_backend_state(self, state: dict[str, Any] | None) -> None:
+        await self.records.store.set_meta(
+            self._backend_key(), None if state is None else json.dumps(state, sort_keys=True))

@@ -434,12 +434,14 @@ class Store:
     async def get_meta(self, key: str) -> str | None:
         return await self._call(self._get_meta, key)
 
-    def _set_meta(self, key: str, value: str) -> None:
+    def _set_meta(self, key: str, value: str | None) -> None:
         with self._tx(write=True) as conn:
             conn.execute(meta_table.delete().where(meta_table.c.key == key))
-            conn.execute(meta_table.insert().values(key=key, value=value))
+            if value is not None:
+                conn.execute(meta_table.insert().values(key=key, value=value))
 
-    async def set_meta(self, key: str, value: str) -> None:
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) one service-wide value."""
         await self._call(self._set_meta, key, value)
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -61,15 +62,28 @@ class Defaults(BaseModel):
     max_no_client_timeout: Seconds = 86400
 
 
+def check_mesos_role(role: str) -> str:
+    """Mesos's rules for role names (a refused role would stop the framework subscribing)."""
+    if not role or role.startswith("/") or role.endswith("/") or "//" in role:
+        raise ValueError("must not be empty, start or end with '/', or contain '//'")
+    for part in role.split("/"):
+        if part in (".", "..", "*") or part.startswith("-") or re.search(r"[\s\x08]", part):
+            raise ValueError(f"component {part!r} is not allowed (., .., *, a leading '-', "
+                             "whitespace)")
+    return role
+
+
 class Tenant(BaseModel):
-    """One tenant: name, token hashes, quota, defaults, and its Mesos role."""
+    """One tenant: name, token hashes, quota, defaults, and its Mesos role and DRF weight."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     token_sha256: list[str] = Field(min_length=1)
     quota: Quota
     defaults: Defaults = Defaults()
-    mesos_role: str | None = None
+    mesos_role: Annotated[str, AfterValidator(check_mesos_role)] | None = None
+    #: This tenant's share in the Mesos backend's weighted-DRF order of its offers.
+    mesos_weight: float = Field(default=1.0, gt=0, le=1000)
     env: dict[str, str] = {}
 
     @model_validator(mode="before")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import socket
 import sys
 import time
@@ -20,10 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from distributed import Client
 
 from clusters.base import ClusterSpec, LaunchError
 from clusters.mesos import MesosBackend
+from provisioner.cli import build
+from provisioner.settings import Settings
 from tests.mesos_master import AgentSpec, MesosMaster, MesosMasterProcess
 from tests.service import GiB, ServiceProcess, tenant, wait_until
 
@@ -275,15 +279,25 @@ def test_agent_loss_heals_workers_and_fails_on_scheduler_loss(
 def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
         mesos: MakeMaster, make_service: MakeService) -> None:
     master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
-    svc = on_mesos(make_service, master, [tenant("acme", cores=4)]).start()
+    svc = on_mesos(make_service, master,
+                   [{**tenant("acme", cores=4), "mesos_role": "eng/acme"}]).start()
     kept = create(svc, "acme", workers=1)
     doomed = create(svc, "acme", workers=0)
     fw_id = framework(master)["id"]
+    assert framework(master)["roles"] == ["eng/acme"]
     wait_until(lambda: len(running_ids(master, f"{kept['id']}-w")) == 1, what="worker")
+    assert {t["role"] for t in tasks(master)} == {"eng/acme"}
     kept_tasks = running_ids(master, kept["id"])
 
     svc.kill()
     wait_until(lambda: not framework(master)["connected"], what="framework disconnected")
+    # The framework id is kept with the rest of the state, in the database: a fresh machine
+    # (nothing left of the data folder but the database) is the same framework.
+    (saved,) = svc.sql("select value from meta where key = 'backend:mesos'")
+    assert json.loads(saved[0]) == {"framework_id": fw_id, "roles": ["eng/acme"]}
+    for entry in svc.data_dir.iterdir():
+        if not entry.name.startswith("provisioner.db"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     # While the service is away: one scheduler dies, and the record of a worker is lost
     # (the task becomes one the service does not recognise).
     doomed_sched = next(iter(running_ids(master, doomed["id"])))
@@ -365,9 +379,11 @@ def test_dropped_stream_resubscribes_and_carries_on(mesos: MakeMaster,
 
 
 class Events:
-    """Records what the backend reports to the core."""
+    """Records what the backend reports to the core; ``saved`` stands for the database row of
+    the backend's own state (pass one Events' ``saved`` to the next to model a restart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, saved: dict[str, Any] | None = None) -> None:
+        self.saved: dict[str, Any] = saved if saved is not None else {}
         self.states: dict[str, dict[str, Any]] = {}
         self.schedulers_lost: list[tuple[str, str]] = []
         self.workers_lost: list[tuple[str, str, str]] = []
@@ -380,6 +396,12 @@ class Events:
 
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         self.workers_lost.append((cluster_id, name, reason))
+
+    async def load_backend_state(self) -> dict[str, Any] | None:
+        return self.saved.get("backend")
+
+    async def save_backend_state(self, state: dict[str, Any] | None) -> None:
+        self.saved["backend"] = state
 
 
 def spec(cluster_id: str = "c1", role: str = "acme") -> ClusterSpec:
@@ -404,23 +426,22 @@ def task_states(master: MesosMaster) -> dict[str, str]:
     return found
 
 
-def backend_for(master: MesosMaster, data_dir: Path, **options: Any) -> MesosBackend:
+def backend_for(master: MesosMaster, **options: Any) -> MesosBackend:
     settings = {"kill_grace": 0.5, "recover_timeout": 3, "backoff_max": 1}
-    return MesosBackend(master.address, data_dir=data_dir, **{**settings, **options})
+    return MesosBackend(master.address, **{**settings, **options})
 
 
-async def test_backend_acks_kills_and_restarts_without_teardown(tmp_path: Path) -> None:
+async def test_backend_acks_kills_and_restarts_without_teardown() -> None:
     async with MesosMaster(agents=1, heartbeat_interval=0.5, allocation_interval=0.1,
                            run_processes=False, update_retry_interval=1) as master:
         events = Events()
-        backend = backend_for(master, tmp_path)
+        backend = backend_for(master)
         try:
             await backend.open(events)
             assert await backend.recover([]) == {}
             await backend.start_workers(spec(), "tcp://127.0.0.1:1", ["c1-w1", "c1-w2"])
             fw_id = backend.client.framework_id
-            saved = json.loads((tmp_path / "mesos-framework.json").read_text())
-            assert saved == {"framework_id": fw_id, "roles": ["acme"]}
+            assert events.saved["backend"] == {"framework_id": fw_id, "roles": ["acme"]}
             await eventually(lambda: task_states(master).get("c1-w1") == "TASK_RUNNING"
                              and task_states(master).get("c1-w2") == "TASK_RUNNING")
             # Every update with a uuid is acknowledged: nothing waits for a retry.
@@ -441,11 +462,11 @@ async def test_backend_acks_kills_and_restarts_without_teardown(tmp_path: Path) 
         assert task_states(master)["c1-w2"] == "TASK_RUNNING"
 
         # A restart whose records no longer name c1-w2: same framework, stray task killed.
-        again = backend_for(master, tmp_path)
+        again = backend_for(master)
         try:
-            await again.open(Events())
+            await again.open(Events(events.saved))
             assert again.client.framework_id == fw_id
-            assert master.state()["frameworks"][0]["roles"] == ["acme"]  # kept from the file
+            assert master.state()["frameworks"][0]["roles"] == ["acme"]  # kept with the id
             assert await again.recover([(spec(), {"scheduler": None, "workers": {}})]) == {
                 "c1": "no scheduler task"}
             await eventually(lambda: task_states(master)["c1-w2"] == "TASK_KILLED")
@@ -454,11 +475,11 @@ async def test_backend_acks_kills_and_restarts_without_teardown(tmp_path: Path) 
         assert master.state()["frameworks"][0]["id"] == fw_id
 
 
-async def test_backend_stop_while_waiting_for_offers_and_teardown(tmp_path: Path) -> None:
+async def test_backend_stop_while_waiting_for_offers_and_teardown() -> None:
     async with MesosMaster(agents=[AgentSpec(cpus=0.25, mem=128)], heartbeat_interval=0.5,
                            allocation_interval=0.1, run_processes=False) as master:
         events = Events()
-        backend = backend_for(master, tmp_path, teardown_on_close=True)
+        backend = backend_for(master, teardown_on_close=True)
         try:
             await backend.open(events)
             await backend.recover([])
@@ -475,6 +496,22 @@ async def test_backend_stop_while_waiting_for_offers_and_teardown(tmp_path: Path
             fw_id = backend.client.framework_id
         finally:
             await backend.close(stop_clusters=True)
-        # Asked for explicitly: TEARDOWN removes the framework, and the id file goes.
+        # Asked for explicitly: TEARDOWN removes the framework, and its saved id goes.
         assert fw_id in master.state()["removed_frameworks"]
-        assert not (tmp_path / "mesos-framework.json").exists()
+        assert events.saved["backend"] is None
+
+
+def test_tenants_file_sets_roles_and_weights_of_the_mesos_backend(tmp_path: Path) -> None:
+    """What the operator writes per tenant reaches the offer matcher's weighted-DRF order."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [
+        {**tenant("acme"), "mesos_role": "eng/acme", "mesos_weight": 3},
+        tenant("beta"),
+    ]}))
+    settings = Settings(backend="mesos", mesos_master="127.0.0.1:5050", tenants=path,
+                        data_dir=tmp_path / "data")
+    provisioner, token = build(settings)
+    assert token is None
+    backend = provisioner.backend
+    assert isinstance(backend, MesosBackend)
+    assert backend.weights == {"eng/acme": 3.0, "beta": 1.0}

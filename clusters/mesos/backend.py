@@ -13,15 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
-import json
 import logging
-import os
 import secrets
 import socket
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from clusters.base import (
@@ -32,6 +29,7 @@ from clusters.base import (
     LaunchError,
     SchedulerEndpoint,
 )
+from clusters.logs import cluster_log
 from clusters.mesos.client import CallError, MesosClient, NotSubscribed
 from clusters.mesos.offers import OfferPool, match
 from clusters.mesos.tasks import (
@@ -47,7 +45,6 @@ from clusters.runner import scheduler_options, worker_options
 logger = logging.getLogger("provisioner.mesos")
 
 WEEK = 7 * 24 * 3600.0
-FRAMEWORK_ID_FILE = "mesos-framework.json"
 TERMINAL = frozenset({
     "TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_ERROR", "TASK_LOST", "TASK_DROPPED",
     "TASK_GONE", "TASK_GONE_BY_OPERATOR", "TASK_UNKNOWN",
@@ -136,7 +133,6 @@ class MesosBackend(Backend):
         self,
         master: str,
         *,
-        data_dir: Path | str | None = None,
         command: str = "python -m clusters.runner",
         framework_name: str = "dask-provisioner",
         user: str | None = None,
@@ -156,7 +152,6 @@ class MesosBackend(Backend):
         backoff_max: float = 15.0,
     ) -> None:
         self.master = master
-        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.framework_name = framework_name
         self.user = user or _user()
         self.principal = principal
@@ -171,7 +166,7 @@ class MesosBackend(Backend):
         self.task_settings = TaskSettings(command=command, kill_grace=kill_grace,
                                           death_timeout=worker_death_timeout)
         self.roles: set[str] = set(roles)
-        self.client = MesosClient(master, self, framework_id=self._load_framework_id(),
+        self.client = MesosClient(master, self, framework_id=None,
                                   missed_heartbeats=missed_heartbeats, backoff_max=backoff_max)
         self._events: BackendEvents | None = None
         self._clusters: dict[str, _Cluster] = {}
@@ -188,35 +183,20 @@ class MesosBackend(Backend):
 
     # -- framework id ----------------------------------------------------------------------
 
-    def _id_path(self) -> Path | None:
-        return self.data_dir / FRAMEWORK_ID_FILE if self.data_dir is not None else None
-
-    def _load_framework_id(self) -> str | None:
-        """The framework id (and its roles, so a re-subscription keeps them) from disk."""
-        path = self._id_path()
-        if path is None or not path.exists():
-            return None
-        data = json.loads(path.read_text())
-        self.roles.update(data.get("roles") or [])
-        return data.get("framework_id") or None
-
-    def _store_framework_id(self, framework_id: str | None) -> None:
-        path = self._id_path()
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if framework_id is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        tmp.write_text(json.dumps({"framework_id": framework_id, "roles": sorted(self.roles)}))
-        os.replace(tmp, path)
+    async def _load(self, events: BackendEvents) -> None:
+        """The framework id and roles from the service's database, so a re-subscription (from
+        this machine or a fresh one) is the same framework with the same roles."""
+        saved = await events.load_backend_state() or {}
+        self.roles.update(saved.get("roles") or [])
+        self.client.framework_id = saved.get("framework_id") or None
 
     async def _persist(self, framework_id: str | None) -> None:
-        """Write the framework file off the event loop, one write at a time."""
+        """Save the framework id and roles (None: forget the framework), one write at a time."""
         async with self._persist_lock:
-            await asyncio.to_thread(self._store_framework_id, framework_id)
+            if self._events is not None:
+                await self._events.save_backend_state(
+                    None if framework_id is None
+                    else {"framework_id": framework_id, "roles": sorted(self.roles)})
 
     # -- EventHandler (called by the client) -----------------------------------------------
 
@@ -368,8 +348,9 @@ class MesosBackend(Backend):
                         if ref is not None and ref.state == LAUNCHED:
                             ref.state = PENDING
                             self._pending[p.request.task_id] = p.request
-            if placements:
-                logger.info("mesos: launched %s", [p.request.task_id for p in placements])
+            for p in placements:
+                cluster_log(logger, p.request.tenant, p.request.cluster_id).info(
+                    "mesos: launched task=%s agent=%s", p.request.task_id, p.offer.hostname)
         await self._sync_offers()
 
     async def _sync_offers(self) -> None:
@@ -396,9 +377,7 @@ class MesosBackend(Backend):
             return
         self.roles.add(role)
         if not self.client.subscribed.is_set():
-            return  # the next SUBSCRIBE carries it
-        if self.client.framework_id:
-            await self._persist(self.client.framework_id)
+            return  # the next SUBSCRIBE carries it (and SUBSCRIBED saves it)
         suppressed = sorted(self.roles - self._wanted_roles())
         info = dict(self.framework_info(), id={"value": self.client.framework_id})
         try:
@@ -409,7 +388,9 @@ class MesosBackend(Backend):
             self.roles.discard(role)
             raise LaunchError(f"Mesos refused role {role!r}: {exc}") from exc
         except NotSubscribed:
-            pass
+            return
+        # Saved only once Mesos took it: a refused role must not be in every later SUBSCRIBE.
+        await self._persist(self.client.framework_id)
 
     def _enqueue(self, request: TaskRequest) -> None:
         self._pending[request.task_id] = request
@@ -480,7 +461,8 @@ class MesosBackend(Backend):
             elif cluster.recovering:
                 cluster.lost_reason = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
             elif not wanted_end and self._events is not None:
-                logger.warning("cluster %s: scheduler lost: %s", cluster.spec.cluster_id, reason)
+                cluster_log(logger, cluster.spec.tenant, cluster.spec.cluster_id).warning(
+                    "mesos: scheduler lost: %s", reason)
                 lost = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
                 self._spawn(self._events.scheduler_lost(cluster.spec.cluster_id, lost))
         else:
@@ -555,6 +537,7 @@ class MesosBackend(Backend):
 
     async def open(self, events: BackendEvents) -> None:
         self._events = events
+        await self._load(events)
         self.client.start()
         self._spawn(self._reconcile_periodically())
         with contextlib.suppress(TimeoutError):
@@ -640,7 +623,8 @@ class MesosBackend(Backend):
                     # Mesos does not know) gets another try elsewhere.
                     if cluster.stopped or attempt == self.scheduler_attempts:
                         raise
-                    logger.warning("cluster %s: %s; launching it again", spec.cluster_id, exc)
+                    cluster_log(logger, spec.tenant, spec.cluster_id).warning(
+                        "mesos: %s; launching the scheduler again", exc)
         finally:
             cluster.launching = False
         protocol = "tls://" if spec.credentials else "tcp://"
@@ -756,8 +740,8 @@ class MesosBackend(Backend):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), max(0.1, deadline - time.monotonic()))
         if cluster.tasks():
-            logger.warning("cluster %s: tasks %s not confirmed dead yet", cluster_id,
-                           [r.task_id for r in cluster.tasks()])
+            cluster_log(logger, cluster.spec.tenant, cluster_id).warning(
+                "mesos: tasks %s not confirmed dead yet", [r.task_id for r in cluster.tasks()])
         else:
             self._clusters.pop(cluster_id, None)
         await self._save(cluster_id)
