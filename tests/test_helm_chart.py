@@ -686,6 +686,11 @@ BAD_VALUES = {
         "name",
     ),
     "tenants as a map": ("tenants: {items: {acme: {}}}\n", "items"),
+    "metrics token Secret without a key": (
+        "metricsToken: {existingSecret: prov-metrics, secretKey: ''}\n", "secretKey"),
+    "metrics token Secret name not a DNS name": (
+        "metricsToken: {existingSecret: Prov_Metrics}\n", "existingSecret"),
+    "metrics token given in values": ("metricsToken: {token: s3cret}\n", "token"),
 }
 
 
@@ -961,6 +966,45 @@ def test_postgres_url_from_values_goes_through_a_secret(renderer):
     assert spec["replicas"] == 2 and spec["strategy"] == {"type": "RollingUpdate"}
 
 
+def test_metrics_token_secret_reaches_the_service_and_prometheus(renderer, schema, defaults,
+                                                                 monkeypatch):
+    """With the token set, /metrics answers 401 to a ServiceMonitor that does not send it."""
+    values = {"metricsToken": {"existingSecret": "prov-metrics", "secretKey": "bearer"},
+              "serviceMonitor": {"enabled": True}}
+    assert validation_errors(schema, merge(defaults, values)) == []
+    docs = renderer.manifests(values)
+    assert "Secret" not in [d["kind"] for d in docs]  # the chart never holds the token
+
+    env = env_of(container(docs))["PROVISIONER_METRICS_TOKEN"]
+    assert env == {"name": "PROVISIONER_METRICS_TOKEN", "valueFrom": {
+        "secretKeyRef": {"name": "prov-metrics", "key": "bearer"}}}
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "prov-metrics", "key": "bearer"}}
+    assert endpoint["path"] == "/metrics" and "bearerTokenSecret" not in endpoint
+
+    # Without a ServiceMonitor the service is still guarded.
+    values["serviceMonitor"]["enabled"] = False
+    docs = renderer.manifests(values)
+    assert "ServiceMonitor" not in [d["kind"] for d in docs]
+    assert env_of(container(docs))["PROVISIONER_METRICS_TOKEN"] == env
+
+    # The variable the chart sets is the one the service reads.
+    from provisioner.settings import Settings
+
+    monkeypatch.setenv(env["name"], "from-the-secret")
+    assert Settings().metrics_token == "from-the-secret"
+
+
+def test_no_metrics_token_by_default(renderer):
+    docs = renderer.manifests({"serviceMonitor": {"enabled": True}})
+    assert "PROVISIONER_METRICS_TOKEN" not in env_of(container(docs))
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert "authorization" not in endpoint and "bearerTokenSecret" not in endpoint
+    text = "".join(renderer.render({"serviceMonitor": {"enabled": True}}).values())
+    assert "METRICS_TOKEN" not in text and "authorization" not in text
+
+
 def test_sqlite_always_recreate_even_if_asked_otherwise(renderer):
     spec = one(renderer.manifests({"updateStrategy": "RollingUpdate"}), "Deployment")["spec"]
     assert spec["strategy"] == {"type": "Recreate"} and spec["replicas"] == 1
@@ -1008,6 +1052,8 @@ def test_existing_claim_and_no_persistence(renderer):
         ({"replicaCount": 3}, "replicaCount"),
         ({"state": {"type": "postgresql"}}, "state.type postgresql"),
         ({"state": {"type": "mysql"}}, "state.type"),
+        ({"metricsToken": {"existingSecret": "prov-metrics", "secretKey": ""}},
+         "metricsToken.secretKey"),
     ],
 )
 def test_templates_refuse_what_the_schema_refuses(renderer, values, message):
