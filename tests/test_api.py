@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from distributed import Client
 
 from clusters.local.procs import is_alive
+from provisioner.sizes import format_bytes
 from tests.service import ServiceProcess, wait_until
 
 
@@ -197,6 +199,97 @@ def test_quota_refusals_name_the_limit_and_start_nothing(service: ServiceProcess
         r = http.post("/clusters", json={"workers": 5})
         assert r.status_code == 403
         assert r.json()["detail"] == "quota exceeded: workers_per_cluster 5 requested, limit is 4"
+
+
+def _settled_usage(http: httpx.Client) -> dict[str, Any]:
+    """The tenant's usage once none of its clusters is on its way up or down (so the numbers
+    a quota message quotes cannot move between reading them and making the request)."""
+    def settled() -> bool:
+        clusters = http.get("/clusters").json()["clusters"]
+        return all(c["status"] in ("running", "stopped", "failed") for c in clusters)
+
+    wait_until(settled, what="no cluster starting or stopping")
+    usage: dict[str, Any] = http.get("/tenants/me").json()["usage"]
+    return usage
+
+
+def _holds_for(seconds: float, check: Callable[[], bool]) -> bool:
+    """True if ``check()`` stays true for ``seconds`` (long enough for the reconciler to act)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not check():
+            return False
+        time.sleep(0.2)
+    return check()
+
+
+def _refused_changing_nothing(service: ServiceProcess, http: httpx.Client, cluster_id: str,
+                              refusals: list[tuple[str, dict[str, int], str]]) -> None:
+    """Each (path, body, detail) is a 403 with exactly that detail; afterwards the cluster's
+    record, the tenant's usage and the cluster's processes are what they were."""
+    record = http.get(f"/clusters/{cluster_id}").json()
+    usage = http.get("/tenants/me").json()["usage"]
+    processes = set(service.processes_of(cluster_id))
+    assert processes and len(processes) == 1 + record["workers"]["requested"], processes
+    for path, body, detail in refusals:
+        r = http.post(f"/clusters/{cluster_id}/{path}", json=body)
+        assert r.status_code == 403, (path, body, r.text)
+        assert r.json()["detail"] == detail, (path, body)
+    after = http.get(f"/clusters/{cluster_id}").json()
+    assert (after["workers"]["requested"], after["adaptive"]) == \
+        (record["workers"]["requested"], record["adaptive"])
+    assert http.get("/tenants/me").json()["usage"] == usage
+    assert _holds_for(3, lambda: set(service.processes_of(cluster_id)) == processes), \
+        (processes, service.processes_of(cluster_id))
+
+
+def test_scale_and_adapt_beyond_the_cores_quota_are_refused_and_start_nothing(
+    service: ServiceProcess, alpha_cluster: dict[str, Any]
+) -> None:
+    """alpha (8 cores) holds 1.5 cores in alpha_cluster: 39 more 1-core workers do not fit."""
+    cid = alpha_cluster["id"]
+    with service.client("alpha") as http:
+        usage = _settled_usage(http)
+        quota = http.get("/tenants/me").json()["quota"]
+        assert http.get(f"/clusters/{cid}").json()["workers"]["requested"] == 1
+        free = round(quota["cores"] - usage["cores"], 6)
+        assert 0 < free < 39
+        cores = f"quota exceeded: cores 39 requested, {free:g} of {quota['cores']:g} free"
+        _refused_changing_nothing(service, http, cid, [
+            ("scale", {"workers": 40}, cores),
+            ("adapt", {"minimum": 40, "maximum": 50}, cores),
+            ("adapt", {"minimum": 40, "maximum": 40}, cores),
+        ])
+
+
+def test_scale_and_adapt_beyond_workers_per_cluster_or_memory_are_refused_and_start_nothing(
+    service: ServiceProcess,
+) -> None:
+    """tight: 3 cores, 4GiB, at most 4 workers a cluster. A cluster of 2GiB workers with none
+    running yet: 5 workers break workers_per_cluster, 2 workers break memory, not cores."""
+    with service.client("tight") as http:
+        _settled_usage(http)
+        r = http.post("/clusters?wait=60", json={"workers": 0, "worker_cores": 0.5,
+                                                 "worker_memory": "2GiB", "project": "api-tests"})
+        assert r.status_code == 201, r.text
+        cid = r.json()["id"]
+        try:
+            assert r.json()["status"] == "running", r.text
+            me = http.get("/tenants/me").json()
+            quota, usage = me["quota"], me["usage"]
+            assert quota["cores"] - usage["cores"] >= 1  # so cores is not what refuses 2 workers
+            free = quota["memory"] - usage["memory"]
+            memory = (f"quota exceeded: memory 4GiB requested, {format_bytes(free)} of "
+                      f"{format_bytes(quota['memory'])} free")
+            per_cluster = "quota exceeded: workers_per_cluster 5 requested, limit is 4"
+            _refused_changing_nothing(service, http, cid, [
+                ("scale", {"workers": 5}, per_cluster),
+                ("adapt", {"minimum": 5, "maximum": 6}, per_cluster),
+                ("scale", {"workers": 2}, memory),
+                ("adapt", {"minimum": 2, "maximum": 4}, memory),
+            ])
+        finally:
+            http.delete(f"/clusters/{cid}")
 
 
 def test_tenants_me(service: ServiceProcess) -> None:

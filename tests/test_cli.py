@@ -1,13 +1,20 @@
-"""The provisioner command: tokens, and start-up refusing bad configuration with a clear message."""
+"""The provisioner command: tokens, start-up refusing bad configuration with a clear message,
+and the default tenant a service without a tenants file makes for the machine."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.service import ServiceProcess, wait_until
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -60,3 +67,62 @@ def test_unreachable_state_database_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_tenants_file(tmp_path: Path) -> None:
     result = run("serve", "--tenants", str(tmp_path / "absent.yaml"), "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "cannot read tenants file" in result.stderr
+
+
+def start_keeping_stderr(svc: ServiceProcess, name: str) -> str:
+    """Start ``svc`` as ServiceProcess.start does, with its stderr kept apart; return that.
+
+    The process is ``svc.proc``, so the make_service fixture stops it whatever happens."""
+    stderr = svc.workdir / f"{name}.stderr"
+    with open(svc.log, "ab") as out, open(stderr, "wb") as err:
+        svc.proc = subprocess.Popen(svc.command(), stdout=out, stderr=err,
+                                    env={**os.environ, **svc.env}, start_new_session=True)
+
+    def up() -> bool:
+        assert svc.proc is not None
+        if svc.proc.poll() is not None:
+            raise AssertionError(f"service exited: {stderr.read_text()[-3000:]}")
+        try:
+            return httpx.get(svc.url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout=60, what="service up")
+    return stderr.read_text()
+
+
+def test_without_tenants_file_a_default_tenant_sized_to_the_machine_keeps_its_token(
+    make_service: Callable[..., ServiceProcess],
+) -> None:
+    svc = make_service(None)  # no --tenants
+    assert "--tenants" not in svc.command()
+    cores = float(os.cpu_count() or 1)
+    machine_quota = {"cores": max(cores * 2, 4),
+                     "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                     "clusters": 10, "workers_per_cluster": None}
+    token_file = svc.data_dir / "default-token"
+
+    def check_token_accepted(stderr: str) -> str:
+        token = token_file.read_text().strip()
+        assert len(token) >= 40 and token_file.stat().st_mode & 0o777 == 0o600
+        assert f"tenant 'default' token: {token}\n" in stderr, stderr
+        assert f"export PROVISIONER_TOKEN={token}\n" in stderr, stderr
+        assert f"export PROVISIONER_URL={svc.url}\n" in stderr, stderr
+        with svc.client(None, token=token) as http:
+            r = http.get("/tenants/me")
+            assert r.status_code == 200, r.text
+            assert r.json()["name"] == "default" and r.json()["quota"] == machine_quota
+        with svc.client(None, token=token[:-1]) as http:
+            assert http.get("/tenants/me").status_code == 401
+        return token
+
+    first = start_keeping_stderr(svc, "first")
+    token = check_token_accepted(first)
+    assert "--no-tls" not in first  # TLS is on by default: no warning
+    assert svc.signal(signal.SIGTERM) == 0
+
+    svc.args = ["--no-tls", *svc.args]
+    second = start_keeping_stderr(svc, "second")
+    assert check_token_accepted(second) == token  # the same tenant after a restart
+    warnings = [line for line in second.splitlines() if "WARNING: --no-tls:" in line]
+    assert len(warnings) == 1 and "trusted single-user machine" in warnings[0], second
