@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,6 +64,10 @@ def test_cluster_commands(cli: CliRunner, app: typer.Typer, service: ServiceProc
         record = http.get(f"/clusters/{cluster_id}").json()
     assert record["status"] == "running" and record["workers"]["running"] == 1
     assert record["idle_timeout"] == 1200
+    # Not a terminal, so only the display's last state is printed: scheduler up, 1 of 1 worker.
+    (last,) = [line for line in stderr.splitlines() if cluster_id in line]
+    frame = progress_frame(last)
+    assert frame == (cluster_id, f"scheduler up at {record['scheduler_address']}; workers", 1, 1), last
 
     stdout, _ = run(cli, app, "clusters", "list")
     assert cluster_id in stdout and "PROJECT" in stdout
@@ -81,6 +87,43 @@ def test_cluster_commands(cli: CliRunner, app: typer.Typer, service: ServiceProc
     assert f"{cluster_id}: stopped" in stdout
     with service.client("beta") as http:
         assert http.get(f"/clusters/{cluster_id}").json()["stop_reason"] == "user"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+FRAME = re.compile(r"(c-[0-9a-f]+): (.+?)[\s━╸╺]*(\d+)/(\d+)\s*$")
+
+
+def progress_frame(line: str) -> tuple[str, str, int, int]:
+    """(cluster id, stage, workers done, workers wanted) of one line of the create display."""
+    match = FRAME.search(ANSI.sub("", line))
+    assert match, line
+    return match[1], match[2], int(match[3]), int(match[4])
+
+
+def test_create_shows_each_stage_live_on_a_terminal(service: ServiceProcess, no_leaks: None) -> None:
+    """The installed command on a terminal (forced: output is a pipe here) redraws its line:
+    first the new cluster's status, then the scheduler's address and workers n/m up."""
+    env = {**os.environ, "PROVISIONER_URL": service.url, "PROVISIONER_TOKEN": "token-beta",
+           "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from provisioner.cli import main; main()", "clusters", "create",
+         "--workers", "2", "--json", "--timeout", "120"],
+        capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    cluster = json.loads(ANSI.sub("", proc.stdout))
+    assert cluster["status"] == "running" and cluster["workers"]["running"] == 2
+    cluster_id, address = cluster["id"], cluster["scheduler_address"]
+    frames = [progress_frame(line) for line in ANSI.sub("", proc.stderr).splitlines()
+              if cluster_id in line]
+    assert len(frames) >= 2, proc.stderr
+    # The first frame is drawn before any poll: the status POST /clusters answered.
+    assert frames[0] == (cluster_id, "pending", 0, 2), proc.stderr
+    assert frames[-1] == (cluster_id, f"scheduler up at {address}; workers", 2, 2), proc.stderr
+    up = f"scheduler up at {address}; workers"
+    for (_, stage, done, wanted), (_, next_stage, next_done, _) in itertools.pairwise(frames):
+        assert stage in ("pending", "starting", up) and wanted == 2, proc.stderr
+        assert (stage == up) <= (next_stage == up) and done <= next_done, proc.stderr
+        assert done == 0 or stage == up, proc.stderr  # workers are counted once it is running
 
 
 def test_create_quiet_no_wait(cli: CliRunner, app: typer.Typer, service: ServiceProcess) -> None:

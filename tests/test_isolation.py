@@ -7,11 +7,13 @@ import os
 import socket
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from distributed import Client, Worker
 from distributed.security import Security
+from sqlalchemy.engine import make_url
 
 from tests.conftest import SERVICE_SECRET
 from tests.service import ServiceProcess
@@ -44,12 +46,24 @@ def test_processes_get_the_tenants_environment_only(
         client.wait_for_workers(1, timeout=60)
         worker_env = client.submit(_environ, pure=False).result(timeout=60)
         scheduler_env = client.run_on_scheduler(_environ)
+    # The service's own environment, as the kernel holds it (not as the harness built it).
+    assert service.proc is not None
+    raw = Path(f"/proc/{service.proc.pid}/environ").read_bytes().decode(errors="replace")
+    service_env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+    assert service_env.get("SERVICE_SECRET") == SERVICE_SECRET  # it is the service's environment
+    service_vars = sorted(k for k in service_env if k.startswith("PROVISIONER_"))
+    # Where the service keeps its state: SQLite file, or PostgreSQL with PROVISIONER_TEST_DB.
+    state = make_url(service.state)
     for env in (worker_env, scheduler_env):
         assert env["TEAM"] == "alpha" and env["MODEL"] == "v3"
         leaked = [k for k, v in env.items() if SERVICE_SECRET in v or k == "SERVICE_SECRET"]
         assert not leaked, leaked
         assert not any(k.startswith("PROVISIONER_") for k in env)
-        assert str(service.data_dir / "provisioner.db") not in " ".join(env.values())
+        assert not [k for k in service_vars if k in env], service_vars
+        values = " ".join(env.values())
+        assert str(service.data_dir / "provisioner.db") not in values
+        assert service.state not in values
+        assert state.database and state.database not in values
 
 
 def test_no_credentials_or_another_clusters_credentials_cannot_connect(
