@@ -19,6 +19,12 @@ WorkerCount = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
 PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 RESERVED_ENV_PREFIXES = ("DASK_PROVISIONER_", "MESOS_")
+#: Variables the dynamic loader or the interpreter act on before a cluster process has
+#: confined itself (code to load, paths to import from); refused in a request's env.
+LOADER_ENV_PREFIXES = ("LD_", "PYTHON")
+SAFE_PYTHON_ENV = frozenset({"PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONWARNINGS",
+                             "PYTHONFAULTHANDLER", "PYTHONDONTWRITEBYTECODE",
+                             "PYTHONIOENCODING", "PYTHONUTF8"})
 
 
 class Strict(BaseModel):
@@ -55,6 +61,9 @@ class ClusterCreate(Strict):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
             if name.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(f"{name!r} uses a reserved prefix")
+            if name.startswith(LOADER_ENV_PREFIXES) and name not in SAFE_PYTHON_ENV:
+                raise ValueError(f"{name!r} would act before the cluster process is confined; "
+                                 "ship code in the image or install it instead")
             if "\0" in value:
                 raise ValueError(f"value of {name!r} contains a NUL byte")
         return env

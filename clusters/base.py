@@ -43,6 +43,18 @@ class ClusterSpec:
 #: A worker that ended itself for using more memory than its limit exits with this status.
 MEMORY_EXIT_CODE = 137
 
+#: The variable a launched runner reads its options from (``env:`` on its command line):
+#: they hold the cluster's TLS key, so they never go into argv, which anyone can read.
+OPTIONS_VAR = "DASK_PROVISIONER_OPTIONS"
+
+#: Like Dask's nanny: one BLAS thread per task thread, and memory given back to the OS.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MALLOC_TRIM_THRESHOLD_": "65536",
+}
+
 #: How a backend says a scheduler ended by reaping itself: ``"reaped: idle"``. A scheduler
 #: exits with status 0 only then (a stop is a kill), which is all Mesos's reconciliation
 #: keeps of it; the local backend also finds the exact reason in a file the plugin writes.

@@ -15,21 +15,25 @@ import json
 import os
 import signal
 import sys
-from typing import Any
-
-import psutil
-from distributed import Scheduler, Worker
-from distributed.security import Security
-from tornado.ioloop import PeriodicCallback
+from typing import TYPE_CHECKING, Any
 
 from clusters.base import MEMORY_EXIT_CODE, ClusterSpec
-from clusters.plugin import ProvisionerPlugin
+from clusters.sandbox import confine_from
+
+# Dask is imported where it is used, not here: a spawned runner confines itself first, while
+# it is still single-threaded (importing Dask starts threads, e.g. numpy's BLAS pool), and
+# Landlock binds only the thread that asks. A fork server has imported it all already.
+if TYPE_CHECKING:
+    from distributed import Scheduler, Worker
+    from distributed.security import Security
 
 
 def security_from(credentials: dict[str, str] | None) -> Security | None:
     """A Security that requires TLS with this cluster's own CA, or None for plain TCP."""
     if not credentials:
         return None
+    from distributed.security import Security
+
     return Security(
         tls_ca_file=credentials["ca"],
         tls_scheduler_cert=credentials["cert"],
@@ -68,6 +72,10 @@ def _protocol(options: dict[str, Any]) -> str:
 
 
 async def _scheduler(options: dict[str, Any]) -> Scheduler:
+    from distributed import Scheduler
+
+    from clusters.plugin import ProvisionerPlugin
+
     host = options.get("host", "127.0.0.1")
     scheduler = Scheduler(
         host=host,
@@ -86,6 +94,9 @@ async def _scheduler(options: dict[str, Any]) -> Scheduler:
 
 
 async def _worker(options: dict[str, Any]) -> Worker:
+    from distributed import Worker
+    from tornado.ioloop import PeriodicCallback
+
     worker = Worker(
         options["address"],
         name=options["name"],
@@ -113,6 +124,8 @@ MEMORY_GUARD_INTERVAL = 0.25
 
 def _memory_guard(worker: Worker) -> None:
     """Keep the memory limit honest: end this worker if it uses more than it was given."""
+    import psutil
+
     limit = worker.memory_manager.memory_limit or 0
     rss = psutil.Process().memory_info().rss
     if limit and rss > MEMORY_TERMINATE_FRACTION * limit:
@@ -159,6 +172,10 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
         return 0
     # A scheduler ends with status 0 only when it reaped itself (see clusters.base.REAPED);
     # closed any other way (a client's shutdown, an error) it says so with status 3.
+    from distributed import Scheduler
+
+    from clusters.plugin import ProvisionerPlugin
+
     plugin = server.plugins.get(ProvisionerPlugin.name) if isinstance(server, Scheduler) else None
     return 0 if getattr(plugin, "reaped", None) else 3
 
@@ -169,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m clusters.runner scheduler|worker '<json options>'|env:VAR [ready-fd]",
               file=sys.stderr)
         return 2
-    # ``env:NAME`` reads the options from that variable: keeps TLS keys out of argv (Mesos).
-    raw = os.environ.get(argv[1][4:], "") if argv[1].startswith("env:") else argv[1]
+    # ``env:NAME`` reads the options from that variable (and takes it out of the environment
+    # the cluster's code sees): keeps TLS keys out of argv, which every local user can read.
+    raw = os.environ.pop(argv[1][4:], "") if argv[1].startswith("env:") else argv[1]
     role, options = argv[0], json.loads(raw)
     ready_fd = int(argv[2]) if len(argv) > 2 else None
+    return run(role, options, ready_fd)
+
+
+def run(role: str, options: dict[str, Any], ready_fd: int | None = None) -> int:
+    """Confine the process when the backend asked to (before any tenant code), then serve."""
+    confine_from(options)
     return asyncio.run(serve(role, options, ready_fd))
 
 

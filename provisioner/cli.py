@@ -71,7 +71,8 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     else:
         from clusters.local import LocalBackend
 
-        backend = LocalBackend(settings.data_dir, host=settings.cluster_host)
+        sandbox = {"auto": None, "on": True, "off": False}[settings.local_sandbox]
+        backend = LocalBackend(settings.data_dir, host=settings.cluster_host, sandbox=sandbox)
     store = Store(settings.state_url)
     store.check()
     return Provisioner(settings, TenantDirectory(tenants), store, backend), token

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     metrics_token: str | None = None
     #: Address schedulers and workers listen on (local backend).
     cluster_host: str = "127.0.0.1"
+    #: Confine local cluster processes with Landlock (clusters.sandbox): "auto" does when
+    #: the kernel can and warns when it cannot; "on" refuses to start without it.
+    local_sandbox: Literal["auto", "on", "off"] = "auto"
     #: Seconds a scheduler may take to come up before the cluster is failed.
     start_timeout: float = Field(default=120, gt=0)
     #: Seconds a scale-down must stay wanted before adaptive workers are retired.

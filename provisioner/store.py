@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -207,6 +208,10 @@ class Store:
                     conn.execute(tenants_table.insert().values(name=name))
         except OperationalError as exc:
             raise StoreError(f"cannot open state {self.engine.url!r}: {exc.orig}") from None
+        database = self.engine.url.database
+        if self._sqlite and database and database != ":memory:":
+            # It holds every cluster's client key: for the service's user alone.
+            os.chmod(database, 0o600)
 
     def check(self) -> None:
         """Connect once, before serving, so a bad URL is a clear start-up error."""

@@ -164,6 +164,9 @@ def test_another_tenants_cluster_is_not_found(
     ({"adaptive": {"minimum": 3, "maximum": 1}}, "adaptive"),
     ({"env": {"BAD NAME": "x"}}, "env"),
     ({"env": {"DASK_PROVISIONER_OWNER": "x"}}, "env"),
+    ({"env": {"LD_PRELOAD": "/tmp/x.so"}}, "env"),
+    ({"env": {"PYTHONPATH": "/tmp"}}, "env"),
+    ({"env": {"PYTHONSTARTUP": "/tmp/x.py"}}, "env"),
     ({"colour": "blue"}, "colour"),
 ])
 def test_bad_input_is_422_naming_the_field(service: ServiceProcess, body: dict[str, Any],

@@ -14,6 +14,7 @@ from typing import Any
 
 from distributed import Client
 
+from clusters import sandbox
 from clusters.base import ClusterSpec
 from clusters.local.backend import LocalBackend
 from clusters.local.forkserver import ForkServerLauncher
@@ -176,3 +177,37 @@ def _cmdline(pid: int) -> bytes:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
         return f.read()
     return b""
+
+
+def _confined_read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return "allowed"
+    except PermissionError:
+        return "denied"
+
+
+def test_spawned_processes_keep_keys_out_of_argv_and_are_confined(make_service: MakeService) -> None:
+    """The fallback launcher (a fresh interpreter per process): the cluster's TLS key never
+    shows in a command line (readable by every user), and the process confines itself too."""
+    svc = make_service([tenant("acme")], env={"PROVISIONER_LOCAL_LAUNCHER": "spawn"}).start()
+    c = _create(svc, "acme", workers=1)
+    processes = svc.processes_of(c["id"])
+    assert len(processes) == 2
+    for ref in processes:
+        assert _parent(ref.pid) == svc.proc.pid, "spawned by the service, not a fork server"
+        cmdline = _cmdline(ref.pid)
+        assert b"clusters.runner" in cmdline and b"PRIVATE KEY" not in cmdline, cmdline
+    assert not svc.zygotes()
+    database = str(svc.data_dir / "provisioner.db")
+    with Client(c["scheduler_address"], security=svc.security("acme", c["id"]), timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        assert client.submit(lambda: 6 * 7).result(timeout=60) == 42
+        options_env = client.submit(lambda: __import__("os").environ.get("DASK_PROVISIONER_OPTIONS"),
+                                    pure=False).result(timeout=60)
+        on_worker = client.submit(_confined_read, database, pure=False).result(timeout=60)
+        on_scheduler = client.run_on_scheduler(_confined_read, database)
+    assert options_env is None, "the runner takes its options out of the environment"
+    if sandbox.support() is None and svc.state.startswith("sqlite"):
+        assert on_worker == on_scheduler == "denied"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +77,8 @@ async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path
     with pytest.raises(ValueError):
         await s.update(rec.id, status=Status.PENDING)
     await s.close()
+    if url.startswith("sqlite:///"):  # it holds every cluster's client key
+        assert os.stat(url.removeprefix("sqlite:///")).st_mode & 0o777 == 0o600
     again = Store(url)
     await again.open(["t"])
     got = await again.get(rec.id)

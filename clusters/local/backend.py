@@ -2,7 +2,9 @@
 
 Processes carry an owner marker in their environment so that, after a crash of the service,
 a restart can tell its own leftovers from everything else: those it has records for are
-re-adopted, the rest are killed. Nothing of the service's environment reaches them.
+re-adopted, the rest are killed. Nothing of the service's environment reaches them, and where
+the kernel allows, each confines itself before serving (:mod:`clusters.sandbox`): it cannot
+read the service's data folder or another cluster's, nor signal or inspect other processes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 
 from clusters.base import (
     REAPED,
+    WORKER_ENV,
     Backend,
     BackendEvents,
     ClusterSpec,
@@ -36,6 +39,7 @@ from clusters.local.procs import (
     wait_exit,
 )
 from clusters.runner import scheduler_options, worker_options
+from clusters.sandbox import support as sandbox_support
 
 logger = logging.getLogger("provisioner.local")
 
@@ -44,13 +48,6 @@ REAPED_FILE = "reaped"
 #: Harmless variables of the host passed through: where programs are, locale, and CPU quirks
 #: some BLAS builds need to run correctly on this hardware.
 PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-#: Like Dask's nanny: one BLAS thread per task thread, and memory given back to the OS.
-WORKER_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MALLOC_TRIM_THRESHOLD_": "65536",
-}
 
 
 class Launcher(Protocol):
@@ -82,9 +79,12 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1",
-                 launcher: Launcher | None = None, worker_death_timeout: float = 60) -> None:
+                 launcher: Launcher | None = None, worker_death_timeout: float = 60,
+                 sandbox: bool | None = None) -> None:
+        """``sandbox``: confine cluster processes; None: when the kernel can (warn if not)."""
         self.data_dir = Path(data_dir).resolve()
         self.host = host
+        self.sandbox = sandbox
         self.worker_death_timeout = worker_death_timeout
         self.owner = owner_key(self.data_dir)
         self.launcher: Launcher = launcher or default_launcher(self.owner, self.data_dir / "forkserver")
@@ -106,7 +106,7 @@ class LocalBackend(Backend):
         """Exactly what a cluster process sees: a few host basics, the tenant's env, our marker."""
         env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
         env.setdefault("PATH", os.defpath)
-        env["HOME"] = str(self._cluster(spec.cluster_id).directory)
+        env["HOME"] = env["TMPDIR"] = str(self._cluster(spec.cluster_id).directory)
         if worker:
             env.update(WORKER_ENV)
         env.update(spec.env)
@@ -149,9 +149,24 @@ class LocalBackend(Backend):
 
     # -- Backend ---------------------------------------------------------------------------
 
+    def _confinement(self, cluster: _Cluster) -> dict[str, Any]:
+        """The runner option that confines a process to its own cluster's folder."""
+        if not self.sandbox:
+            return {}
+        return {"sandbox": {"hidden": str(self.data_dir), "writable": [str(cluster.directory)]}}
+
     async def open(self, events: BackendEvents) -> None:
         self._events = events
         (self.data_dir / "clusters").mkdir(parents=True, exist_ok=True)
+        why_not = sandbox_support()
+        if self.sandbox and why_not:
+            raise LaunchError(f"cluster processes cannot be confined here: {why_not}")
+        if self.sandbox is None:
+            self.sandbox = why_not is None
+            if why_not:
+                logger.warning("WARNING: cluster processes run unconfined (%s): a tenant's "
+                               "code can read this service's data folder and signal other "
+                               "tenants' processes", why_not)
         start = getattr(self.launcher, "start", None)  # a fork server warms up meanwhile
         if start is not None:
             await start()
@@ -173,7 +188,8 @@ class LocalBackend(Backend):
         cluster.directory.mkdir(parents=True, exist_ok=True)
         reaped = cluster.directory / REAPED_FILE
         reaped.unlink(missing_ok=True)
-        options = scheduler_options(spec, str(reaped), host=self.host, port=0)
+        options = scheduler_options(spec, str(reaped), host=self.host, port=0,
+                                    **self._confinement(cluster))
         ref, info = await self.launcher.launch(
             "scheduler", options, self.environment(spec, worker=False),
             cluster.directory / "scheduler.log",
@@ -190,7 +206,7 @@ class LocalBackend(Backend):
 
         async def one(name: str) -> None:
             options = worker_options(spec, address, name, self.worker_death_timeout,
-                                     host=self.host)
+                                     host=self.host, **self._confinement(cluster))
             ref, _ = await self.launcher.launch(
                 "worker", options, env, cluster.directory / f"{name}.log", wait_ready=False
             )

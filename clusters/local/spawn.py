@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clusters.base import LaunchError
+from clusters.base import OPTIONS_VAR, LaunchError
 from clusters.local.procs import ProcessRef, exit_reason, ref_for, terminate, wait_exit
 
 READY_FD = 3
@@ -64,7 +64,10 @@ class ProcessLauncher:
 
     def _spawn(self, role: str, options: dict[str, Any], env: dict[str, str], log: Path,
                write_fd: int) -> int:
-        argv = [self.python, "-m", "clusters.runner", role, json.dumps(options), str(READY_FD)]
+        # Options travel in the environment (the runner takes them out of it), not in argv,
+        # which every user of the machine can read: they hold the cluster's TLS key.
+        env = {**env, OPTIONS_VAR: json.dumps(options)}
+        argv = [self.python, "-m", "clusters.runner", role, f"env:{OPTIONS_VAR}", str(READY_FD)]
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),

@@ -11,8 +11,9 @@ forks without reading the request, and the child reads it and becomes the cluste
 * ``os.environ`` is replaced by exactly the environment it was given and Dask's config is
   collected again from it;
 * stdin is /dev/null, stdout and stderr go to the log file, every other inherited fd is closed;
-* it runs :func:`clusters.runner.serve`, the code a spawned ``python -m clusters.runner`` runs,
-  which reports readiness as one JSON line on the ready fd.
+* it runs :func:`clusters.runner.run`, the code a spawned ``python -m clusters.runner`` runs:
+  it confines itself when asked (:mod:`clusters.sandbox`), then serves, and reports readiness
+  as one JSON line on the ready fd.
 
 The zygote itself never runs a cluster, so no state passes from one cluster to the next; its
 children are reaped by the kernel (SIGCHLD ignored). It exits when the service's end of the
@@ -21,7 +22,6 @@ socket closes, which happens however the service dies.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import importlib
 import json
@@ -36,7 +36,7 @@ from typing import Any
 
 import dask.config
 
-from clusters.runner import serve
+from clusters.runner import run
 
 CONTROL_FD = 3
 READY_FD = 3
@@ -75,6 +75,7 @@ def _reload_dask_config() -> None:
 def _preload() -> None:
     """Import what a scheduler or worker would otherwise import lazily on its first start."""
     names = [
+        "distributed", "clusters.plugin", "psutil", "tornado.ioloop",  # what clusters.runner uses
         *dask.config.get("distributed.scheduler.http.routes", []),
         *dask.config.get("distributed.worker.http.routes", []),
         "distributed.diagnostics.websocket", "distributed.http.proxy", "distributed.http.statics",
@@ -130,7 +131,7 @@ def _become_cluster_process(ready: int, payload: int, synced: int) -> int:
     _reload_dask_config()
     _fresh_randomness()
     gc.unfreeze()
-    return asyncio.run(serve(request["role"], request["options"], READY_FD))
+    return run(request["role"], request["options"], READY_FD)
 
 
 def _fork(ready: int, payload: int) -> int:

@@ -11,15 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from clusters.base import OPTIONS_VAR, WORKER_ENV
+
 MiB = 2**20
-OPTIONS_VAR = "DASK_PROVISIONER_OPTIONS"
-#: Like Dask's nanny: one BLAS thread per task thread, and memory given back to the OS.
-WORKER_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MALLOC_TRIM_THRESHOLD_": "65536",
-}
 
 Kind = Literal["scheduler", "worker"]
 
