@@ -73,3 +73,26 @@ def test_long_computation_is_never_reaped(service: ServiceProcess) -> None:
     finally:
         with service.client("alpha") as http:
             http.delete(f"/clusters/{c['id']}")
+
+
+def test_work_waiting_for_a_worker_is_not_idle(service: ServiceProcess) -> None:
+    """A task with no worker to run it yet keeps the cluster alive past its idle timeout; the
+    worker that comes has the requested cores as threads; once done, the cluster is idle."""
+    c = _create(service, workers=0, worker_cores=2, idle_timeout=2, no_client_timeout=600)
+    try:
+        with Client(c["scheduler_address"], security=service.security("alpha", c["id"]),
+                    timeout=30) as client:
+            waiting = client.submit(sum, [20, 22])
+            time.sleep(6)  # three idle timeouts
+            with service.client("alpha") as http:
+                assert http.get(f"/clusters/{c['id']}").json()["status"] == "running"
+                assert http.post(f"/clusters/{c['id']}/scale", json={"workers": 1}).status_code == 200
+            assert waiting.result(timeout=60) == 42
+            (worker,) = client.scheduler_info()["workers"].values()
+            assert worker["nthreads"] == 2
+            final = _final(service, c["id"])
+        assert final["stop_reason"] == "idle"
+        assert final["stopped_at"] - final["started_at"] >= 6
+    finally:
+        with service.client("alpha") as http:
+            http.delete(f"/clusters/{c['id']}")
