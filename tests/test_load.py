@@ -1,8 +1,9 @@
 """Load and crashes: concurrent tenants hammering the API, and a SIGKILL in the middle of it.
 
 Both are bounded in requests and time and talk to loopback only. Afterwards the books must
-balance: quotas held at every sampled moment, no 500, every record consistent with what runs,
-no orphaned process, no quota left in use.
+balance: quotas held at every sampled moment, no 500, every record consistent with what runs
+(each running cluster takes a client and computes; each failed one says why), no orphaned
+process, no quota left in use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from distributed import Client
 
 from tests.service import GiB, ServiceProcess, tenant, wait_until
 from tests.test_mesos_backend import mesos, on_mesos, tasks
@@ -137,6 +139,7 @@ def _settle_and_check(d: Deployment) -> dict[str, dict[str, Any]]:
     for c in live:
         wait_until(lambda c=c: len(d.runs_of(c["id"])) == 1 + c["workers"]["requested"],
                    timeout=90, what=f"{c['id']} runs {c['workers']['requested']} workers")
+        _usable(svc, c)
     for c in records.values():
         if c["status"] == "failed":
             assert c["stop_reason"].startswith("failed: "), c
@@ -146,6 +149,18 @@ def _settle_and_check(d: Deployment) -> dict[str, dict[str, Any]]:
     expected = set().union(*(d.runs_of(c["id"]) for c in live)) if live else set()
     wait_until(lambda: d.running() <= expected, timeout=30, what="no orphaned processes")
     return records
+
+
+def _usable(svc: ServiceProcess, c: dict[str, Any]) -> None:
+    """A running cluster takes a client; with workers, it computes."""
+    with Client(c["scheduler_address"], security=svc.security(c["tenant"], c["id"]),
+                timeout=30) as client:
+        if c["workers"]["requested"]:
+            client.wait_for_workers(c["workers"]["requested"], timeout=60)
+            assert client.submit(sum, [c["workers"]["requested"], 1]).result(timeout=60) == \
+                c["workers"]["requested"] + 1
+        else:
+            assert client.run_on_scheduler(lambda: 7) == 7
 
 
 def _delete_all_and_check_empty(d: Deployment) -> int:
