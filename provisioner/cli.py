@@ -125,9 +125,17 @@ def serve(
             "them. Use this only on a trusted single-user machine.",
             fg=typer.colors.YELLOW, err=True, bold=True,
         )
+    if not settings.metrics_token and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(
+            f"WARNING: /metrics (every tenant's name, quota and usage) is open to anyone who "
+            f"can reach {settings.host}:{settings.port}; set PROVISIONER_METRICS_TOKEN.",
+            fg=typer.colors.YELLOW, err=True, bold=True,
+        )
     if token:
         typer.echo(f"tenant 'default' token: {token}", err=True)
-        typer.echo(f"  export PROVISIONER_URL=http://{settings.host}:{settings.port}", err=True)
+        # Bound to every interface: this machine reaches it on loopback.
+        near = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
+        typer.echo(f"  export PROVISIONER_URL=http://{near}:{settings.port}", err=True)
         typer.echo(f"  export PROVISIONER_TOKEN={token}", err=True)
     # uvicorn re-raises the stop signal once it has shut down gracefully; with these handlers
     # in place that ends the process with status 0 instead of "killed by SIGTERM".

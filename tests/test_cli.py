@@ -119,10 +119,13 @@ def test_without_tenants_file_a_default_tenant_sized_to_the_machine_keeps_its_to
     first = start_keeping_stderr(svc, "first")
     token = check_token_accepted(first)
     assert "--no-tls" not in first  # TLS is on by default: no warning
+    assert "WARNING: /metrics" not in first  # on loopback
     assert svc.signal(signal.SIGTERM) == 0
 
-    svc.args = ["--no-tls", *svc.args]
+    svc.args = ["--no-tls", *svc.args, "--host", "0.0.0.0"]
     second = start_keeping_stderr(svc, "second")
     assert check_token_accepted(second) == token  # the same tenant after a restart
     warnings = [line for line in second.splitlines() if "WARNING: --no-tls:" in line]
     assert len(warnings) == 1 and "trusted single-user machine" in warnings[0], second
+    # Reachable beyond this machine with no metrics token: said as loudly.
+    assert "WARNING: /metrics (every tenant's name, quota and usage) is open" in second, second
