@@ -3,7 +3,8 @@
 Every operation gets generated valid and invalid input with a real tenant's token: no answer
 may be a 500, and every answer must match the schema (status codes, content types, bodies).
 The tenant's quota allows one small cluster, so the few valid creates start real processes
-and the rest are refused; everything is deleted afterwards.
+(or Mesos tasks: it runs on both backends) and the rest are refused; everything is deleted
+afterwards.
 """
 
 from __future__ import annotations
@@ -24,24 +25,29 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.service import GiB, ServiceProcess, tenant
+from tests.test_mesos_backend import MakeService, mesos, on_mesos
+
+__all__ = ["mesos"]  # the fixture, shared with the Mesos backend tests
 
 AUTH = {"Authorization": "Bearer token-fuzz"}
 
 
-@pytest.fixture(scope="module")
-def fuzz_service(tmp_path_factory: pytest.TempPathFactory, state_db: Any) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(tmp_path_factory.mktemp("fuzz"),
-                         [tenant("fuzz", cores=2, memory=2 * GiB, clusters=1)], state=state_db())
-    try:
-        yield svc.start()
-        with svc.client("fuzz") as http:
-            for c in http.get("/clusters").json()["clusters"]:
-                http.delete(f"/clusters/{c['id']}")
-    finally:
-        svc.cleanup()
+@pytest.fixture(params=["local", "mesos"])
+def fuzz_service(request: pytest.FixtureRequest, make_service: MakeService,
+                 mesos: Any) -> Iterator[ServiceProcess]:
+    """The service on each backend; whatever the fuzzing created is deleted afterwards."""
+    tenants = [tenant("fuzz", cores=2, memory=2 * GiB, clusters=1)]
+    if request.param == "local":
+        svc = make_service(tenants)
+    else:
+        svc = on_mesos(make_service, mesos(agents=1, agent_cpus=4, agent_mem=4096), tenants)
+    yield svc.start()
+    with svc.client("fuzz") as http:
+        for c in http.get("/clusters").json()["clusters"]:
+            http.delete(f"/clusters/{c['id']}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def api_schema(fuzz_service: ServiceProcess) -> Any:
     return schemathesis.openapi.from_url(f"{fuzz_service.url}/openapi.json")
 
