@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from distributed import Client, Worker
+from distributed import Client
 from distributed.security import Security
 from sqlalchemy.engine import make_url
 
 from clusters import sandbox
 from tests.conftest import SERVICE_SECRET
+from tests.intrusion import client_refused, tls_without_client_certificate_refused, worker_cannot_join
 from tests.service import ServiceProcess
 
 
@@ -129,27 +127,13 @@ def test_no_credentials_or_another_clusters_credentials_cannot_connect(
     own = service.security("alpha", ca["id"])
     other = service.security("beta", cb["id"])
     assert own is not None and other is not None
-    with pytest.raises((OSError, TypeError)):  # distributed refuses tls:// without a context
-        Client(ca["scheduler_address"], timeout=3)
-    # Below distributed: a TLS handshake that trusts the cluster's CA but shows no client
-    # certificate is rejected by the scheduler.
-    host, port = ca["scheduler_address"].removeprefix("tls://").rsplit(":", 1)
+    client_refused(ca["scheduler_address"], (OSError, TypeError))  # tls:// needs a context
     with service.client("alpha") as http:
-        ca_pem = http.get(f"/clusters/{ca['id']}/credentials").json()["tls_ca"]
-    context = ssl.create_default_context(cadata=ca_pem)
-    context.check_hostname = False
-    with pytest.raises((ssl.SSLError, OSError)):
-        with socket.create_connection((host, int(port)), timeout=5) as raw:
-            with context.wrap_socket(raw) as tls:
-                tls.sendall(b"hello")
-                assert tls.recv(1) != b""  # the server closes: no client certificate
-    with pytest.raises(OSError):
-        Client(ca["scheduler_address"].replace("tls://", "tcp://"), timeout=3)
-    with pytest.raises(OSError):
-        Client(ca["scheduler_address"], security=other, timeout=3)
-    self_signed = Security.temporary()
-    with pytest.raises(OSError):
-        Client(ca["scheduler_address"], security=self_signed, timeout=3)
+        tls_without_client_certificate_refused(
+            ca["scheduler_address"], http.get(f"/clusters/{ca['id']}/credentials").json()["tls_ca"])
+    client_refused(ca["scheduler_address"].replace("tls://", "tcp://"))
+    client_refused(ca["scheduler_address"], security=other)
+    client_refused(ca["scheduler_address"], security=Security.temporary())  # self-signed
     with Client(ca["scheduler_address"], security=own, timeout=30) as client:
         assert client.submit(sum, [2, 3]).result(timeout=60) == 5
 
@@ -159,29 +143,8 @@ def test_a_worker_of_one_cluster_cannot_join_another(
 ) -> None:
     ca, cb = two_clusters
     with service.client("beta") as http:
-        creds = http.get(f"/clusters/{cb['id']}/credentials").json()
-    # Everything a holder of beta's credentials could present, in every role.
-    beta_security = Security(
-        tls_ca_file=creds["tls_ca"], require_encryption=True,
-        **{f"tls_{role}_{part}": creds[f"tls_{part}"]
-           for role in ("worker", "client", "scheduler") for part in ("cert", "key")},
-    )
-
-    async def join() -> None:
-        worker = Worker(ca["scheduler_address"], security=beta_security, nthreads=1,
-                        death_timeout=3, name="intruder")
-        try:
-            await worker
-        finally:
-            await worker.close()
-
-    with pytest.raises((OSError, TimeoutError, RuntimeError)) as info:
-        asyncio.run(join())
-    chain, exc = [], info.value
-    while exc is not None:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    assert any(isinstance(e, (OSError, TimeoutError)) for e in chain), chain
+        worker_cannot_join(ca["scheduler_address"],
+                           http.get(f"/clusters/{cb['id']}/credentials").json())
     with Client(ca["scheduler_address"], security=service.security("alpha", ca["id"]),
                 timeout=30) as client:
         names = {w["name"] for w in client.scheduler_info()["workers"].values()}

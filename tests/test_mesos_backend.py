@@ -126,18 +126,37 @@ def scale(svc: ServiceProcess, name: str, cid: str, workers: int) -> None:
         assert r.status_code == 200, r.text
 
 
-def computes(svc: ServiceProcess, name: str, cluster: dict[str, Any], workers: int) -> None:
+def computes(svc: ServiceProcess, name: str, cluster: dict[str, Any],
+             workers: int) -> set[str]:
     security = svc.security(name, cluster["id"])
     with Client(cluster["scheduler_address"], security=security, timeout=30) as client:
         client.wait_for_workers(workers, timeout=60)
         assert client.submit(lambda x: x * 7, 6).result(timeout=60) == 42
         names = {w["name"] for w in client.scheduler_info()["workers"].values()}
-    return names  # type: ignore[return-value]
+    return names
 
 
 def status_is(svc: ServiceProcess, name: str, cid: str, *wanted: str) -> Any:
     c = get(svc, name, cid)
     return c if c["status"] in wanted else None
+
+
+def backend_workers(svc: ServiceProcess, cid: str) -> set[str]:
+    """The worker tasks the service's record of a cluster names (its backend_state)."""
+    ((raw,),) = svc.sql("select backend_state from clusters where id = :id", id=cid)
+    state = json.loads(raw) if isinstance(raw, str) else raw
+    return set((state or {}).get("workers") or {})
+
+
+def no_offers_held(master: MesosMasterProcess) -> None:
+    """Every offer was accepted or declined: none is outstanding for the framework and no
+    agent has resources set aside as offered. The test master has no offer timeout, so an
+    offer the service kept would stay outstanding (and its resources offered) for good."""
+    def settled() -> bool:
+        state = master.state()
+        return not framework(master)["offers"] and not any(a["offered"] for a in state["agents"])
+
+    wait_until(settled, timeout=10, what="no outstanding offers")
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -173,6 +192,8 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     wait_until(lambda: get(svc, "acme", cid)["workers"]["running"] == 1, what="one worker")
     # Nothing pending: the framework stops asking for offers.
     wait_until(lambda: framework(master)["suppressed_roles"] == ["acme"], what="suppressed")
+    # Offers are never held: all of them were used or declined.
+    no_offers_held(master)
 
     idle = create(svc, "acme", workers=0, idle_timeout=3, image="ghcr.io/dask/dask:2026.8.0")
     reaped = wait_until(lambda: status_is(svc, "acme", idle["id"], "stopped"), timeout=60,
@@ -180,7 +201,34 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     assert reaped["stop_reason"] == "idle"
     wait_until(lambda: not tasks(master, idle["id"]), what="reaped cluster's tasks gone")
 
+    # Adaptive: worker tasks follow Dask's target within [0, 2], and go when idle. With cid's
+    # scheduler and worker the tenant's 4 cores (and the agent's 4 cpus) are exactly used up.
+    ad = create(svc, "acme", adaptive={"minimum": 0, "maximum": 2})
+    aid = ad["id"]
+    assert ad["adaptive"] == {"minimum": 0, "maximum": 2} and ad["workers"]["requested"] == 0
+    assert not tasks(master, f"{aid}-w")
+    with Client(ad["scheduler_address"], security=svc.security("acme", aid),
+                timeout=30) as client:
+        futures = client.map(time.sleep, [1.0] * 30, pure=False)
+        wait_until(lambda: len(running_ids(master, f"{aid}-w")) == 2, timeout=90,
+                   what="adaptive growth to two worker tasks")
+        grown = wait_until(lambda: (x := get(svc, "acme", aid))["workers"]["running"] == 2 and x,
+                           timeout=60, what="two workers connected")
+        assert grown["workers"]["requested"] == 2  # never above the maximum
+        client.gather(futures, errors="raise")
+        assert len(tasks(master, f"{aid}-w")) <= 2
+        del futures  # nothing left to compute or to hold: no worker is needed
+        wait_until(lambda: not tasks(master, f"{aid}-w"), timeout=90,
+                   what="adaptive shrink to no worker task")
+    shrunk = get(svc, "acme", aid)
+    assert shrunk["status"] == "running" and shrunk["workers"]["requested"] == 0, shrunk
+    assert backend_workers(svc, aid) == set()
+    assert len(running_ids(master, f"{cid}-w")) == 1  # the other cluster is untouched
+    wait_until(lambda: framework(master)["suppressed_roles"] == ["acme"], what="suppressed again")
+    no_offers_held(master)
+
     with svc.client("acme") as http:
+        assert http.delete(f"/clusters/{aid}").status_code == 200
         assert http.delete(f"/clusters/{cid}").status_code == 200
     wait_until(lambda: status_is(svc, "acme", cid, "stopped"), what="stopped")
     wait_until(lambda: not tasks(master), what="every task gone")
@@ -305,6 +353,9 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
     stray = next(iter(running_ids(master, f"{kept['id']}-w")))
     ((raw,),) = svc.sql("select backend_state from clusters where id = :id", id=kept["id"])
     state = json.loads(raw) if isinstance(raw, str) else raw
+    # ... and the record names a worker task Mesos has never heard of (same agent).
+    made_up = f"{kept['id']}-wdeadbe"
+    state["workers"][made_up] = {**state["workers"][stray], "task_id": made_up}
     del state["workers"][stray]
     svc.sql("update clusters set backend_state = :s where id = :id", s=json.dumps(state),
             id=kept["id"])
@@ -319,12 +370,22 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
     # The unrecognised task is killed and the cluster gets a new worker in its place.
     wait_until(lambda: stray not in running_ids(master, ""), what="stray task killed")
     wait_until(lambda: len(running_ids(master, f"{kept['id']}-w")) == 1, what="new worker")
+    # Explicit reconciliation: Mesos does not know the made-up task, so it is not counted as
+    # the cluster's worker; the record ends up naming exactly the one real worker task.
+    wait_until(lambda: backend_workers(svc, kept["id"])
+               == running_ids(master, f"{kept['id']}-w"), what="record of real tasks only")
+    assert made_up not in backend_workers(svc, kept["id"])
+    assert made_up not in {t["task_id"] for t in tasks(master, "", live=False)}
+    wait_until(lambda: get(svc, "acme", kept["id"])["workers"]["running"] == 1,
+               what="one connected worker")
     failed = wait_until(lambda: status_is(svc, "acme", doomed["id"], "failed"), what="doomed")
     assert "scheduler" in failed["stop_reason"] and "TASK_FAILED" in failed["stop_reason"]
 
     # Still managed: scale and delete work on the re-adopted cluster.
     scale(svc, "acme", kept["id"], 2)
-    computes(svc, "acme", kept, 2)
+    names = computes(svc, "acme", kept, 2)
+    assert names == running_ids(master, f"{kept['id']}-w") == backend_workers(svc, kept["id"])
+    assert made_up not in names
     with svc.client("acme") as http:
         assert http.delete(f"/clusters/{kept['id']}").status_code == 200
     wait_until(lambda: not tasks(master), what="every task gone")

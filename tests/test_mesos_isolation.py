@@ -3,12 +3,14 @@ tenant's environment only, and a killed scheduler task failing its cluster and f
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import pytest
 from distributed import Client
+from sqlalchemy.engine import make_url
 
 from tests.conftest import SERVICE_SECRET
+from tests.intrusion import client_refused, tls_without_client_certificate_refused, worker_cannot_join
 from tests.service import ServiceProcess, tenant, wait_until
 from tests.test_mesos_backend import RUNNER, MakeMaster, MakeService, create, mesos, running_ids
 
@@ -32,13 +34,33 @@ def test_tls_env_and_scheduler_loss_on_mesos(mesos: MakeMaster, make_service: Ma
         environ = lambda: dict(__import__("os").environ)  # noqa: E731
         envs: list[dict[str, Any]] = [client.submit(environ, pure=False).result(timeout=60),
                                       client.run_on_scheduler(environ)]
+    # The service's own environment as the kernel holds it: it has PROVISIONER_ variables.
+    assert svc.proc is not None
+    raw = Path(f"/proc/{svc.proc.pid}/environ").read_bytes().decode(errors="replace")
+    service_env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+    assert service_env.get("PROVISIONER_MESOS_KILL_GRACE") == "2", sorted(service_env)
+    state = make_url(svc.state)  # where the service keeps its state
+    assert state.database
     for env in envs:
         assert env["TEAM"] == "red" and env["MODEL"] == "v3"
         assert not [k for k, v in env.items() if SERVICE_SECRET in v], "service env leaked"
-    with pytest.raises((OSError, TypeError)):
-        Client(red["scheduler_address"], timeout=3)
-    with pytest.raises(OSError):
-        Client(red["scheduler_address"], security=svc.security("blue", blue["id"]), timeout=3)
+        # No service setting, and not the runner's options (TLS key included) either.
+        assert not [k for k in env if "PROVISIONER_" in k], sorted(env)
+        values = " ".join(env.values())
+        assert svc.state not in values and state.database not in values
+        assert "PRIVATE KEY" not in values
+    client_refused(red["scheduler_address"], (OSError, TypeError))
+    client_refused(red["scheduler_address"], security=svc.security("blue", blue["id"]))
+    with svc.client("red") as http:
+        tls_without_client_certificate_refused(
+            red["scheduler_address"], http.get(f"/clusters/{red['id']}/credentials").json()["tls_ca"])
+    # A worker holding blue's credentials, in every role, cannot join red's cluster.
+    with svc.client("blue") as http:
+        worker_cannot_join(red["scheduler_address"],
+                           http.get(f"/clusters/{blue['id']}/credentials").json())
+    with Client(red["scheduler_address"], security=red_security, timeout=30) as client:
+        names = {w["name"] for w in client.scheduler_info()["workers"].values()}
+    assert names == running_ids(master, f"{red['id']}-w") and "intruder" not in names, names
 
     with svc.client("red") as http:
         assert http.get("/tenants/me").json()["usage"]["clusters"] == 1
