@@ -66,7 +66,6 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
             settings.mesos_master, command=settings.mesos_command,
             failover_timeout=settings.mesos_failover_timeout,
             kill_grace=settings.mesos_kill_grace, teardown_on_close=settings.mesos_teardown,
-            weights={t.role: t.mesos_weight for t in tenants},
         )
     else:
         from clusters.local import LocalBackend

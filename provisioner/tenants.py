@@ -74,7 +74,7 @@ def check_mesos_role(role: str) -> str:
 
 
 class Tenant(BaseModel):
-    """One tenant: name, token hashes, quota, defaults, and its Mesos role and DRF weight."""
+    """One tenant: name, token hashes, quota, defaults, and its Mesos role."""
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
@@ -82,8 +82,6 @@ class Tenant(BaseModel):
     quota: Quota
     defaults: Defaults = Defaults()
     mesos_role: Annotated[str, AfterValidator(check_mesos_role)] | None = None
-    #: This tenant's share in the Mesos backend's weighted-DRF order of its offers.
-    mesos_weight: float = Field(default=1.0, gt=0, le=1000)
     env: dict[str, str] = {}
 
     @model_validator(mode="before")

@@ -16,18 +16,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from distributed import Client
 
 from clusters.base import ClusterSpec, LaunchError
 from clusters.mesos import MesosBackend
-from provisioner.cli import build
-from provisioner.settings import Settings
 from tests.mesos_master import AgentSpec, MesosMaster, MesosMasterProcess
 from tests.service import GiB, ServiceProcess, tenant, wait_until
 
@@ -536,6 +532,28 @@ async def test_backend_acks_kills_and_restarts_without_teardown() -> None:
         assert master.state()["frameworks"][0]["id"] == fw_id
 
 
+async def test_first_clusters_of_many_new_tenants_at_once_all_get_offers(
+        mesos: MakeMaster) -> None:
+    """UPDATE_FRAMEWORK replaces the whole role list: ten new roles at once must all end up
+    subscribed (not an older, shorter list landing last) and every task must run. The master
+    runs in its own process, so concurrent calls really race."""
+    roles = [f"t{i}" for i in range(10)]
+    master = mesos(agents=4, agent_cpus=8, agent_mem=8192, run_processes=False)
+    backend = backend_for(master)
+    try:
+        await backend.open(Events())
+        await backend.recover([])
+        await asyncio.gather(*(
+            backend.start_workers(spec(f"c-{role}", role), "tcp://127.0.0.1:1",
+                                  [f"c-{role}-w{i}" for i in range(2)])
+            for role in roles))
+        await eventually(lambda: sorted(master.state()["frameworks"][0]["roles"]) == roles)
+        await eventually(lambda: sum(s == "TASK_RUNNING" for s in task_states(master).values())
+                         == 2 * len(roles), timeout=20)
+    finally:
+        await backend.close(stop_clusters=True)
+
+
 async def test_backend_stop_while_waiting_for_offers_and_teardown() -> None:
     async with MesosMaster(agents=[AgentSpec(cpus=0.25, mem=128)], heartbeat_interval=0.5,
                            allocation_interval=0.1, run_processes=False) as master:
@@ -560,19 +578,3 @@ async def test_backend_stop_while_waiting_for_offers_and_teardown() -> None:
         # Asked for explicitly: TEARDOWN removes the framework, and its saved id goes.
         assert fw_id in master.state()["removed_frameworks"]
         assert events.saved["backend"] is None
-
-
-def test_tenants_file_sets_roles_and_weights_of_the_mesos_backend(tmp_path: Path) -> None:
-    """What the operator writes per tenant reaches the offer matcher's weighted-DRF order."""
-    path = tmp_path / "tenants.yaml"
-    path.write_text(yaml.safe_dump({"tenants": [
-        {**tenant("acme"), "mesos_role": "eng/acme", "mesos_weight": 3},
-        tenant("beta"),
-    ]}))
-    settings = Settings(backend="mesos", mesos_master="127.0.0.1:5050", tenants=path,
-                        data_dir=tmp_path / "data")
-    provisioner, token = build(settings)
-    assert token is None
-    backend = provisioner.backend
-    assert isinstance(backend, MesosBackend)
-    assert backend.weights == {"eng/acme": 3.0, "beta": 1.0}

@@ -59,10 +59,9 @@ tenants:
 """)
     (acme,) = load_tenants(path)
     assert acme.quota.memory == 16 * GiB and acme.defaults.idle_timeout == 1800
-    assert acme.role == "acme" and acme.mesos_weight == 1.0
-    (nested,) = load_tenants(write(tmp_path, path.read_text() + "    mesos_role: eng/acme\n"
-                                   "    mesos_weight: 2.5\n"))
-    assert nested.role == "eng/acme" and nested.mesos_weight == 2.5
+    assert acme.role == "acme"
+    (nested,) = load_tenants(write(tmp_path, path.read_text() + "    mesos_role: eng/acme\n"))
+    assert nested.role == "eng/acme"
     directory = TenantDirectory([acme])
     assert directory.authenticate(token) is acme
     assert directory.authenticate(token + "x") is None
@@ -83,8 +82,6 @@ tenants:
     *[(f"tenants:\n  - name: acme\n    token_sha256: '{'a' * 64}'\n    quota: {{cores: 1, memory: 1GiB}}\n"
        f"    mesos_role: '{role}'\n", ["tenant 'acme'", "mesos_role"])
       for role in ("", "/eng", "eng/", "eng//acme", "eng/../x", "*", "-x", "a b")],
-    (f"tenants:\n  - name: acme\n    token_sha256: '{'a' * 64}'\n    quota: {{cores: 1, memory: 1GiB}}\n"
-     "    mesos_weight: 0\n", ["tenant 'acme'", "mesos_weight"]),
     ("tenants: [\n", ["not valid YAML"]),
     ("people: []\n", ["'tenants'"]),
 ])

@@ -200,11 +200,11 @@ class MesosBackend(Backend):
 
     # -- EventHandler (called by the client) -----------------------------------------------
 
-    def framework_info(self) -> dict[str, Any]:
+    def framework_info(self, roles: set[str] | None = None) -> dict[str, Any]:
         info: dict[str, Any] = {
             "user": self.user,
             "name": self.framework_name,
-            "roles": sorted(self.roles),
+            "roles": sorted(self.roles if roles is None else roles),
             "capabilities": [{"type": "MULTI_ROLE"}],
             "failover_timeout": self.failover_timeout,
             "checkpoint": True,
@@ -372,23 +372,34 @@ class MesosBackend(Backend):
             self._suppressed = suppress if ok else None
 
     async def _ensure_role(self, role: str) -> None:
-        """Subscribe the framework to a tenant's role the first time a cluster needs it."""
+        """Subscribe the framework to a tenant's role the first time a cluster needs it.
+
+        UPDATE_FRAMEWORK replaces the framework's whole role list (and its suppressed roles),
+        so these calls go one at a time, under the lock SUPPRESS and REVIVE take, each with
+        the list as it is then: two first clusters of two new tenants at once must not let an
+        older, shorter list land last and leave a role without offers.
+        """
         if role in self.roles:
             return
-        self.roles.add(role)
-        if not self.client.subscribed.is_set():
-            return  # the next SUBSCRIBE carries it (and SUBSCRIBED saves it)
-        suppressed = sorted(self.roles - self._wanted_roles())
-        info = dict(self.framework_info(), id={"value": self.client.framework_id})
-        try:
-            await self.client.call("UPDATE_FRAMEWORK", {"framework_info": info,
-                                                        "suppressed_roles": suppressed})
+        async with self._offer_lock:
+            if role in self.roles:
+                return
+            if not self.client.subscribed.is_set():
+                self.roles.add(role)
+                return  # the next SUBSCRIBE carries it (and SUBSCRIBED saves it)
+            roles = self.roles | {role}
+            suppressed = sorted(roles - self._wanted_roles())
+            info = dict(self.framework_info(roles), id={"value": self.client.framework_id})
+            try:
+                await self.client.call("UPDATE_FRAMEWORK", {"framework_info": info,
+                                                            "suppressed_roles": suppressed})
+            except CallError as exc:
+                raise LaunchError(f"Mesos refused role {role!r}: {exc}") from exc
+            except NotSubscribed:
+                self.roles.add(role)
+                return
+            self.roles.add(role)
             self._suppressed = set(suppressed)
-        except CallError as exc:
-            self.roles.discard(role)
-            raise LaunchError(f"Mesos refused role {role!r}: {exc}") from exc
-        except NotSubscribed:
-            return
         # Saved only once Mesos took it: a refused role must not be in every later SUBSCRIBE.
         await self._persist(self.client.framework_id)
 
