@@ -26,6 +26,7 @@ from clusters.mesos.recordio import RecordIODecoder, RecordIOError
 logger = logging.getLogger("provisioner.mesos.client")
 
 API_PATH = "/api/v1/scheduler"
+MAX_CALLS_IN_FLIGHT = 32
 JSON = "application/json"
 #: How many redirects a call or subscription follows before giving up on this attempt.
 MAX_REDIRECTS = 3
@@ -107,6 +108,9 @@ class MesosClient:
             follow_redirects=False,
         )
         self._calls_http = httpx.AsyncClient(timeout=call_timeout, follow_redirects=False)
+        # Calls come in bursts (an ACKNOWLEDGE per update, a KILL per task): a bounded number
+        # in flight keeps the connection pool from rescanning a queue of hundreds each time.
+        self._call_slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self._runner: asyncio.Task[None] | None = None
         self._reconnect = asyncio.Event()
 
@@ -267,8 +271,9 @@ class MesosClient:
         headers = {"Content-Type": JSON, "Accept": JSON}
         if self.stream_id:
             headers["Mesos-Stream-Id"] = self.stream_id
-        response = await self._calls_http.post(self.base + API_PATH, content=json.dumps(body),
-                                               headers=headers)
+        async with self._call_slots:
+            response = await self._calls_http.post(self.base + API_PATH,
+                                                   content=json.dumps(body), headers=headers)
         if response.status_code in (200, 202):
             return response
         message = response.text[:500]
