@@ -193,8 +193,9 @@ def test_spawned_processes_keep_keys_out_of_argv_and_are_confined(make_service: 
     shows in a command line (readable by every user), and the process confines itself too."""
     svc = make_service([tenant("acme")], env={"PROVISIONER_LOCAL_LAUNCHER": "spawn"}).start()
     c = _create(svc, "acme", workers=1)
-    processes = svc.processes_of(c["id"])
-    assert len(processes) == 2
+    # Running means the scheduler is up; its worker is launched right after.
+    processes = wait_until(lambda: len(p := svc.processes_of(c["id"])) == 2 and p,
+                           what="scheduler and worker processes")
     for ref in processes:
         assert _parent(ref.pid) == svc.proc.pid, "spawned by the service, not a fork server"
         cmdline = _cmdline(ref.pid)
