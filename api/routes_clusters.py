@@ -17,7 +17,7 @@ from api.schemas import (
     ErrorOut,
     ScaleRequest,
 )
-from provisioner.models import Status
+from provisioner.models import CLUSTER_ID_PATTERN, Status
 from provisioner.service import ClusterRequest, Conflict, Provisioner
 from provisioner.tenants import Tenant
 from provisioner.tls import client_credentials
@@ -64,7 +64,8 @@ async def list_clusters(
     status: Status | None = None,
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
-    after: Annotated[str | None, Query(max_length=64, description="`next` of the last page")] = None,
+    after: Annotated[str | None, Query(pattern=CLUSTER_ID_PATTERN,
+                                       description="`next` of the last page")] = None,
 ) -> ClusterList:
     records, next_id = await service.list(tenant, status, project, limit, after)
     return ClusterList(clusters=[ClusterOut.of(r) for r in records], next=next_id)

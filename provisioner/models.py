@@ -46,6 +46,11 @@ class StopReason(enum.StrEnum):
     SHUTDOWN = "service-shutdown"
 
 
+#: What every cluster id looks like; anything else is known not to exist without asking the
+#: database (PostgreSQL refuses a NUL in a string outright).
+CLUSTER_ID_PATTERN = r"^c-[0-9a-f]{1,32}$"
+
+
 def new_cluster_id() -> str:
     return "c-" + secrets.token_hex(6)
 

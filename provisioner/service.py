@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.base import Backend
 from provisioner.logs import cluster_log
 from provisioner.metrics import Metrics
-from provisioner.models import ClusterRecord, Status, StopReason, new_cluster_id
+from provisioner.models import CLUSTER_ID_PATTERN, ClusterRecord, Status, StopReason, new_cluster_id
 from provisioner.quota import QuotaExceeded, Usage, check_workers_per_cluster
 from provisioner.reconciler import Reconciler
 from provisioner.records import Records
@@ -96,6 +97,8 @@ class Provisioner:
     # -- queries ---------------------------------------------------------------------------
 
     async def get(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
+        if not re.fullmatch(CLUSTER_ID_PATTERN, cluster_id):
+            raise NotFound(cluster_id)
         try:
             record = await self.records.get(cluster_id)
         except NotFound:

@@ -96,8 +96,11 @@ def test_list_pages_follow_next_to_the_same_list(
             for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "ten"}):
                 r = http.get("/clusters", params=bad)
                 assert r.status_code == 422 and "limit" in r.json()["detail"], (bad, r.text)
-            r = http.get("/clusters", params={"after": "c-nope"})
-            assert r.status_code == 422 and r.json()["detail"].startswith("after: "), r.text
+            for cursor in ("c-nope", "c-\x00", "c-" + "0" * 12 + "'"):
+                r = http.get("/clusters", params={"after": cursor})
+                assert r.status_code == 422 and r.json()["detail"].startswith("after: "), r.text
+            # Not a cluster id at all (a NUL byte PostgreSQL would refuse): not found.
+            assert http.get("/clusters/c-%00beef").status_code == 404
         finally:
             http.delete(f"/clusters/{extra['id']}")
     with service.client("beta") as http:  # another tenant's id is no cursor either

@@ -114,9 +114,13 @@ def test_tenant_code_is_confined_to_its_own_cluster(
     if sandbox.support() is not None:
         assert "cluster processes run unconfined" in service.log.read_text()
         return
+    # Landlock scopes signals from ABI 6 on; before that a process of the same user may still
+    # signal one outside its domain (everything else holds from ABI 1).
+    signals = "denied" if sandbox.landlock_abi() >= 6 else "allowed"
     for found in (on_worker, on_scheduler):
         assert found.pop("own folder") == "allowed" and found.pop("temp is own folder") == "yes"
-        assert set(found.values()) == {"denied"}, found
+        expected = {k: signals if k.startswith("signal ") else "denied" for k in found}
+        assert found == expected
         assert len(found) == len(secrets) + 2 * len(args[1]) + 1, found
 
 
