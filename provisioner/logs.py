@@ -1,12 +1,9 @@
-"""The service's log format (logfmt-friendly); cluster lines are tagged by ``cluster_log``."""
+"""The service's log format (logfmt-friendly); cluster lines are tagged by
+:func:`clusters.logs.cluster_log`."""
 
 from __future__ import annotations
 
 import logging
-
-from clusters.logs import ClusterLog, cluster_log
-
-__all__ = ["FORMAT", "ClusterLog", "cluster_log", "configure"]
 
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 

@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any
 
 from clusters.base import REAPED, Backend, ClusterSpec, LaunchError
-from provisioner.logs import cluster_log
+from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.reaping import reap_reason
 from provisioner.records import Records

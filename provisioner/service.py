@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.base import Backend
-from provisioner.logs import cluster_log
+from clusters.logs import cluster_log
 from provisioner.metrics import Metrics
 from provisioner.models import CLUSTER_ID_PATTERN, ClusterRecord, Status, StopReason, new_cluster_id
 from provisioner.quota import QuotaExceeded, Usage, check_workers_per_cluster

@@ -249,8 +249,10 @@ class Store:
     ) -> list[ClusterRecord]:
         c = clusters_table.c
         query = sa.select(clusters_table).order_by(c.created_at.desc(), c.id.desc())
+        mark = sa.select(c.created_at).where(c.id == after)  # where the page starts
         if tenant is not None:
             query = query.where(c.tenant == tenant)
+            mark = mark.where(c.tenant == tenant)
         if statuses:
             query = query.where(c.status.in_([s.value for s in statuses]))
         if project is not None:
@@ -259,14 +261,11 @@ class Store:
             query = query.limit(limit)
         with self._tx() as conn:
             if after is not None:
-                mark = conn.execute(
-                    sa.select(c.created_at).where(c.id == after, c.tenant == tenant)
-                    if tenant is not None else sa.select(c.created_at).where(c.id == after)
-                ).scalar()
-                if mark is None:
+                start = conn.execute(mark).scalar()
+                if start is None:
                     raise NotFound(after)
-                query = query.where(sa.or_(c.created_at < mark,
-                                           sa.and_(c.created_at == mark, c.id < after)))
+                query = query.where(sa.or_(c.created_at < start,
+                                           sa.and_(c.created_at == start, c.id < after)))
             return [_row_to_record(r) for r in conn.execute(query)]
 
     async def list(
