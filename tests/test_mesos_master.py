@@ -253,12 +253,7 @@ async def test_task_exit_codes_and_exec_form() -> None:
         exe = command_task("exe", agent_id, "")
         exe["command"] = {"shell": False, "value": "/bin/sh", "arguments": ["sh", "-c", "exit 4"]}
         assert (await sub.call("ACCEPT", launch(offer, ok, bad, exe))).status_code == 202
-        finals: dict[str, dict[str, Any]] = {}
-        while len(finals) < 3:
-            status = await sub.wait_for(lambda e: e["type"] == "UPDATE")
-            await sub.acknowledge(status)
-            if status["state"] not in ("TASK_STARTING", "TASK_RUNNING"):
-                finals[status["task_id"]["value"]] = status
+        finals = await sub.finals(3)
         assert finals["ok"]["state"] == "TASK_FINISHED"
         assert finals["ok"]["message"] == "Command exited with status 0"
         assert finals["bad"]["state"] == "TASK_FAILED"
@@ -564,12 +559,7 @@ async def test_uris_are_fetched_and_max_completion_time(tmp_path: Path) -> None:
         slow = command_task("slow", agent_id, "sleep 30")
         slow["max_completion_time"] = {"nanoseconds": 300_000_000}
         await sub.call("ACCEPT", launch(offer, fetch, missing, slow))
-        finals: dict[str, dict[str, Any]] = {}
-        while len(finals) < 3:
-            status = await sub.wait_for(lambda e: e["type"] == "UPDATE")
-            await sub.acknowledge(status)
-            if status["state"] not in ("TASK_STARTING", "TASK_RUNNING"):
-                finals[status["task_id"]["value"]] = status
+        finals = await sub.finals(3)
         assert finals["fetch"]["state"] == "TASK_FINISHED"
         assert finals["missing"]["state"] == "TASK_FAILED"
         assert finals["missing"]["reason"] == "REASON_CONTAINER_LAUNCH_FAILED"

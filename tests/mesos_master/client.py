@@ -111,6 +111,17 @@ class Subscriber:
             timeout,
         )
 
+    async def finals(self, count: int, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+        """Acknowledge updates until ``count`` tasks have reached a terminal state; their last
+        status by task id."""
+        found: dict[str, dict[str, Any]] = {}
+        while len(found) < count:
+            status = await self.wait_for(lambda e: e["type"] == "UPDATE", timeout)
+            await self.acknowledge(status)
+            if status["state"] not in ("TASK_STARTING", "TASK_RUNNING"):
+                found[status["task_id"]["value"]] = status
+        return found
+
     async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 5.0) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
