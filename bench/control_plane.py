@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import random
@@ -29,7 +28,7 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.harness import free_port
+from bench.harness import free_port, write_results
 from bench.loadgen import Result, request, run
 from bench.start_latency import percentile
 from provisioner.tenants import hash_token
@@ -197,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     out["setup"] = {"concurrency": args.concurrency, "cpus": os.cpu_count(),
                     "python": platform.python_version(), "platform": platform.platform(),
                     "command": " ".join(["python", "-m", "bench.control_plane", *sys.argv[1:]])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, out)
     return 0
 
 

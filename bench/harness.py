@@ -7,6 +7,7 @@ stopped, with every process it started, when the ``with`` block ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -27,6 +28,13 @@ from provisioner.tenants import hash_token
 GiB = 2**30
 TOKEN = "bench-token"
 GATEWAY_PASSWORD = "bench-password"
+
+
+def write_results(path: Path, out: dict[str, Any]) -> None:
+    """Save a benchmark's numbers as JSON (results are per machine, so git ignores them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {path}")
 
 
 def free_port() -> int:

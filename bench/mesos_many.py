@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from bench.harness import write_results
 from clusters.base import ClusterSpec
 from clusters.mesos import MesosBackend
 from clusters.mesos.tasks import mesos_cpus, mesos_mem
@@ -748,9 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "platform": platform.platform(),
         "command": " ".join([Path(sys.executable).name, "-m", "bench.mesos_many", *sys.argv[1:]]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, out)
     return 0
 
 

@@ -10,7 +10,6 @@ PSS (shared pages split among their users) shows what the machine really spends.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 from distributed import Client
 
-from bench.harness import TOKEN, our_service
+from bench.harness import TOKEN, our_service, write_results
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in result["processes"].items():
             private = (m["Private_Clean"] + m["Private_Dirty"]) / 2**20
             print(f"{launcher:9}{name:22}{m['Rss'] / 2**20:9.1f}{m['Pss'] / 2**20:9.1f}{private:13.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, out)
     return 0
 
 

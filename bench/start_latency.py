@@ -37,7 +37,7 @@ import httpx
 from distributed import Client
 from distributed.security import Security
 
-from bench.harness import GATEWAY_PASSWORD, TOKEN, dask_children, gateway_server, our_service
+from bench.harness import GATEWAY_PASSWORD, TOKEN, dask_children, gateway_server, our_service, write_results
 
 SCENARIOS = ("task", "two_workers", "scheduler")
 #: Pause after every run (both systems alike) so exiting processes do not load the next run.
@@ -305,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "distributed": distributed.__version__, "platform": platform.platform(),
         "command": " ".join([Path(sys.executable).name, "-m", "bench.start_latency", *sys.argv[1:]]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {args.out}")
+    write_results(args.out, out)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.stdout.flush()
         os._exit(0)  # a third-party client thread that will not stop must not hold the exit
