@@ -101,7 +101,7 @@ class ClusterRunner:
             if not await self._start():
                 return
         elif record.status == Status.RUNNING and record.scheduler_address:
-            self._link(record.scheduler_address)
+            await self._link(record.scheduler_address)
         while True:
             self.kick.clear()  # before looking: a change from here on wakes the next round
             record = self.record
@@ -146,7 +146,7 @@ class ClusterRunner:
             dashboard_url=endpoint.dashboard_url, started_at=time.time(),
         )
         self.log.info("running address=%s", endpoint.address)
-        self._link(endpoint.address)
+        await self._link(endpoint.address)
         return True
 
     async def _stop(self, reason: str) -> None:
@@ -174,8 +174,9 @@ class ClusterRunner:
 
     # -- observing -----------------------------------------------------------------------
 
-    def _link(self, address: str) -> None:
-        self.link = SchedulerLink(address, client_credentials(self.record.credentials) or None)
+    async def _link(self, address: str) -> None:
+        self.link = await SchedulerLink.open(address,
+                                             client_credentials(self.record.credentials) or None)
         self._follower = asyncio.create_task(
             follow(self.link, self._on_report, self.rec.settings.report_timeout)
         )

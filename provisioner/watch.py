@@ -21,10 +21,16 @@ logger = logging.getLogger("provisioner.watch")
 class SchedulerLink:
     """One RPC handle to a cluster's scheduler."""
 
-    def __init__(self, address: str, credentials: dict[str, str] | None = None) -> None:
+    def __init__(self, address: str, connection_args: dict[str, Any]) -> None:
+        self._rpc = rpc(address, connection_args=connection_args, timeout=10)
+
+    @classmethod
+    async def open(cls, address: str, credentials: dict[str, str] | None = None) -> SchedulerLink:
+        """A link using the cluster's TLS credentials. Dask writes them to files and loads
+        them into an SSL context: blocking work, done off the event loop."""
         security = security_from(credentials)
-        args = security.get_connection_args("client") if security else {}
-        self._rpc = rpc(address, connection_args=args, timeout=10)
+        args = await asyncio.to_thread(security.get_connection_args, "client") if security else {}
+        return cls(address, args)
 
     async def close(self) -> None:
         await self._rpc.close_rpc()
