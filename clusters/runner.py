@@ -67,8 +67,9 @@ def worker_options(spec: ClusterSpec, address: str, name: str, death_timeout: fl
 HAVE_BOKEH = importlib.util.find_spec("bokeh") is not None
 
 
-def _protocol(options: dict[str, Any]) -> str:
-    return "tls://" if options.get("credentials") else "tcp://"
+def protocol_for(credentials: dict[str, str] | None) -> str:
+    """A cluster with credentials speaks TLS only; one without (``--no-tls``) plain TCP."""
+    return "tls://" if credentials else "tcp://"
 
 
 async def _scheduler(options: dict[str, Any]) -> Scheduler:
@@ -80,7 +81,7 @@ async def _scheduler(options: dict[str, Any]) -> Scheduler:
     scheduler = Scheduler(
         host=host,
         port=options.get("port", 0),
-        protocol=_protocol(options),
+        protocol=protocol_for(options.get("credentials")),
         security=security_from(options.get("credentials")),
         # The HTTP server always runs (health, metrics): on our host and a port we chose,
         # never Dask's default of 8787 on every interface. The dashboard needs bokeh.

@@ -40,7 +40,7 @@ from clusters.mesos.tasks import (
     mesos_mem,
     task_info,
 )
-from clusters.runner import scheduler_options, worker_options
+from clusters.runner import protocol_for, scheduler_options, worker_options
 
 logger = logging.getLogger("provisioner.mesos")
 
@@ -403,9 +403,13 @@ class MesosBackend(Backend):
         # Saved only once Mesos took it: a refused role must not be in every later SUBSCRIBE.
         await self._persist(self.client.framework_id)
 
-    def _enqueue(self, request: TaskRequest) -> None:
+    def _queue(self, request: TaskRequest) -> None:
+        """Wait for an offer for this task (its role is revived at the next sync)."""
         self._pending[request.task_id] = request
         self._fresh.add(request.role)
+
+    def _enqueue(self, request: TaskRequest) -> None:
+        self._queue(request)
         self._spawn(self._sync_offers())
 
     # -- status updates --------------------------------------------------------------------
@@ -462,6 +466,7 @@ class MesosBackend(Backend):
         ref.state = state
         self._tasks.pop(task_id, None)
         wanted_end = task_id in cluster.stopping or cluster.stopped
+        lost = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
         cluster.stopping.discard(task_id)
         if ref is cluster.scheduler:
             cluster.scheduler = None
@@ -470,11 +475,10 @@ class MesosBackend(Backend):
             elif cluster.launching:
                 pass  # start_scheduler sees the state and decides
             elif cluster.recovering:
-                cluster.lost_reason = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
+                cluster.lost_reason = lost
             elif not wanted_end and self._events is not None:
                 cluster_log(logger, cluster.spec.tenant, cluster.spec.cluster_id).warning(
                     "mesos: scheduler lost: %s", reason)
-                lost = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
                 self._spawn(self._events.scheduler_lost(cluster.spec.cluster_id, lost))
         else:
             cluster.workers.pop(task_id, None)
@@ -638,7 +642,7 @@ class MesosBackend(Backend):
                         "mesos: %s; launching the scheduler again", exc)
         finally:
             cluster.launching = False
-        protocol = "tls://" if spec.credentials else "tcp://"
+        protocol = protocol_for(spec.credentials)
         dashboard = f"http://{ref.host}:{ref.dashboard_port}/status" if ref.dashboard_port else None
         return SchedulerEndpoint(f"{protocol}{ref.host}:{ref.port}", dashboard)
 
@@ -694,15 +698,14 @@ class MesosBackend(Backend):
                 continue
             cluster.workers[name] = TaskRef(name, "worker")
             self._tasks[name] = spec.cluster_id
-            self._fresh.add(spec.role)
-            self._pending[name] = TaskRequest(
+            self._queue(TaskRequest(
                 task_id=name, cluster_id=spec.cluster_id, tenant=spec.tenant, kind="worker",
                 role=spec.role, cpus=mesos_cpus(spec.worker_cores),
                 mem=mesos_mem(spec.worker_memory),
                 options=worker_options(spec, address, name, self.task_settings.death_timeout),
                 env=dict(spec.env), image=spec.image,
-            )
-        self._spawn(self._sync_offers())
+            ))
+        self._spawn(self._sync_offers())  # once for the whole batch
         await self._save(spec.cluster_id)
 
     async def stop_workers(self, cluster_id: str, names: Sequence[str]) -> None:
