@@ -135,8 +135,8 @@ class LocalBackend(Backend):
                 return
             cluster.scheduler = None
             await self._save(cluster_id)
-            why = (self._why_gone(cluster) if (cluster.directory / REAPED_FILE).exists()
-                   else f"scheduler {exit_reason(code)}")
+            why = await asyncio.to_thread(self._reaped_reason, cluster) \
+                or f"scheduler {exit_reason(code)}"
             await self._events.scheduler_lost(cluster_id, why)
         else:
             if cluster.workers.get(name) != ref:
@@ -269,7 +269,8 @@ class LocalBackend(Backend):
                 self._watch(spec.cluster_id, None, ref)
                 result[spec.cluster_id] = None
             else:
-                result[spec.cluster_id] = self._why_gone(cluster)
+                result[spec.cluster_id] = self._reaped_reason(cluster) \
+                    or "scheduler process gone while the service was down"
             for name, data in (state.get("workers") or {}).items():
                 wref = ProcessRef.from_dict(data)
                 if is_alive(wref) and result[spec.cluster_id] is None:
@@ -285,12 +286,12 @@ class LocalBackend(Backend):
         return result
 
     @staticmethod
-    def _why_gone(cluster: _Cluster) -> str:
-        """A scheduler that reaped itself left its reason in a file; anything else died."""
+    def _reaped_reason(cluster: _Cluster) -> str | None:
+        """A scheduler that reaped itself left its reason in a file (None: it did not)."""
         try:
             return REAPED + (cluster.directory / REAPED_FILE).read_text().strip()
         except OSError:
-            return "scheduler process gone while the service was down"
+            return None
 
     def _find_ours(self, known: set[int]) -> list[ProcessRef]:
         return [r for r in owned_processes(self.owner) if r.pid not in known]
