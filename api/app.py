@@ -58,6 +58,10 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
         self.app = app
         self.limit = limit
+        # 422 like every other bad input (the contract's choice over 413), naming the field;
+        # built once, and sent as an ASGI app of its own when a body is too big.
+        self.too_big = _error(422, f"body: request body larger than {limit} bytes",
+                              [{"field": "body", "message": f"larger than {limit} bytes"}])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,11 +69,8 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        # 422 like every other bad input (the contract's choice over 413), naming the field.
-        too_big = _error(422, f"body: request body larger than {self.limit} bytes",
-                         [{"field": "body", "message": f"larger than {self.limit} bytes"}])
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await too_big(scope, receive, send)
+            await self.too_big(scope, receive, send)
             return
         seen = 0
 
@@ -84,7 +85,7 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooBig:
-            await too_big(scope, receive, send)
+            await self.too_big(scope, receive, send)
 
 
 class _TooBig(Exception):

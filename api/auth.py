@@ -25,5 +25,4 @@ def current_tenant(
     tenant = get_provisioner(request).tenants.authenticate(credentials.credentials)
     if tenant is None:
         raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-    request.state.tenant = tenant.name
     return tenant

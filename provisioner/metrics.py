@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from provisioner.models import ClusterRecord, Status
+from provisioner.models import LIVE, ClusterRecord, Status
 from provisioner.records import Records
 from provisioner.tenants import TenantDirectory
 
@@ -37,11 +37,13 @@ class _Live(Collector):
                                    labels=["tenant", "kind"])
         live = self.records.live()
         by_status = Tally((r.tenant, r.status.value) for r in live)
+        by_tenant: dict[str, list[ClusterRecord]] = {}
+        for r in live:
+            by_tenant.setdefault(r.tenant, []).append(r)
         for tenant in self.tenants:
-            mine = [r for r in live if r.tenant == tenant.name]
-            for status in Status:
-                if not status.terminal:
-                    clusters.add_metric([tenant.name, status.value], by_status[(tenant.name, status.value)])
+            mine = by_tenant.get(tenant.name, [])
+            for status in LIVE:
+                clusters.add_metric([tenant.name, status.value], by_status[(tenant.name, status.value)])
             workers.add_metric([tenant.name, "requested"], sum(r.workers_requested for r in mine))
             workers.add_metric([tenant.name, "running"], sum(r.workers_running for r in mine))
             cores.add_metric([tenant.name, "used"], sum(r.cores for r in mine))

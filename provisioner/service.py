@@ -135,10 +135,7 @@ class Provisioner:
     # -- changes ---------------------------------------------------------------------------
 
     def _check_workers(self, tenant: Tenant, name: str, value: int) -> None:
-        try:
-            check_workers_per_cluster(tenant.quota, value)
-        except QuotaExceeded:
-            raise
+        check_workers_per_cluster(tenant.quota, value)
         if value < 0:
             raise InvalidRequest(name, "must not be negative")
 
