@@ -278,7 +278,7 @@ class Store:
     async def list_live(self) -> list[ClusterRecord]:
         return await self.list(statuses=list(LIVE))
 
-    def _usage_of(self, conn: Connection, tenant: str, exclude: str | None = None) -> Usage:
+    def _usage_of(self, conn: Connection, tenant: str) -> Usage:
         """What the tenant's live clusters hold, summed by the database (one row, any size)."""
         c = clusters_table.c
         query = sa.select(
@@ -287,8 +287,6 @@ class Store:
             sa.func.coalesce(sa.func.sum(c.scheduler_memory + c.workers_requested * c.worker_memory), 0),
             sa.func.coalesce(sa.func.sum(c.workers_requested), 0),
         ).where(c.tenant == tenant, c.status.in_([s.value for s in LIVE]))
-        if exclude is not None:
-            query = query.where(c.id != exclude)
         clusters, cores, memory, workers = conn.execute(query).one()
         return Usage(clusters=int(clusters), cores=round(float(cores), 6), memory=int(memory),
                      workers=int(workers))
@@ -329,14 +327,12 @@ class Store:
             row = conn.execute(
                 sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
             ).first()
-            assert row is not None
+            if row is None:
+                raise NotFound(cluster_id)
             record = _row_to_record(row)
             if record.status.terminal or record.stop_requested:
                 return record
-            others = self._usage_of(conn, tenant, exclude=cluster_id)
-            usage = Usage(clusters=others.clusters + 1, cores=round(others.cores + record.cores, 6),
-                          memory=others.memory + record.memory,
-                          workers=others.workers + record.workers_requested)
+            usage = self._usage_of(conn, tenant)  # this cluster is live: it is counted
             if best_effort:
                 workers = workers_that_fit(quota, usage, record, workers)
             elif workers > record.workers_requested:
