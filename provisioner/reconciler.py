@@ -323,20 +323,25 @@ class Reconciler:
         for record in live:
             lost = outcome.get(record.id)
             if record.status == Status.RUNNING and lost and not record.stop_requested:
-                log = cluster_log(logger, record.tenant, record.id)
                 await self.backend.stop_cluster(record.id)
-                if lost.startswith(REAPED):
-                    reason = lost.removeprefix(REAPED)
-                    log.info("reaped itself while the service was down reason=%s", reason)
-                    await self.records.update(record.id, status=Status.STOPPING, stop_requested=True,
-                                              stop_reason=reason)
-                    await self.records.update(record.id, status=Status.STOPPED, workers_running=0)
-                    continue
-                log.warning("lost while the service was down: %s", lost)
-                await self.records.update(record.id, status=Status.FAILED,
-                                          stop_reason=f"failed: {lost}", workers_running=0)
+                await self._end_lost(record, lost, " while the service was down")
                 continue
             self.ensure(self.records.cached(record.id) or record)
+
+    async def _end_lost(self, record: ClusterRecord, lost: str, when: str = "") -> None:
+        """Record the end of a cluster whose scheduler is gone: stopped with its reason if it
+        reaped itself (``REAPED`` + reason), failed with what happened otherwise."""
+        log = cluster_log(logger, record.tenant, record.id)
+        if lost.startswith(REAPED):
+            reason = lost.removeprefix(REAPED)
+            log.info("reaped itself%s reason=%s", when, reason)
+            await self.records.update(record.id, status=Status.STOPPING, stop_requested=True,
+                                      stop_reason=reason)
+            await self.records.update(record.id, status=Status.STOPPED, workers_running=0)
+        else:
+            log.warning("scheduler lost%s: %s", when, lost)
+            await self.records.update(record.id, status=Status.FAILED,
+                                      stop_reason=f"failed: {lost}", workers_running=0)
 
     async def shutdown(self, stop_clusters: bool) -> None:
         runners = list(self.runners.values())
@@ -371,17 +376,8 @@ class Reconciler:
         record = self.records.cached(cluster_id)
         if record is None or record.status.terminal or record.status == Status.STOPPING:
             return
-        log = cluster_log(logger, record.tenant, cluster_id)
         # Record the end first: whatever the runner is doing, it finds a terminal record.
-        if reason.startswith(REAPED):
-            log.info("reaped itself reason=%s", reason.removeprefix(REAPED))
-            await self.records.update(cluster_id, status=Status.STOPPING, stop_requested=True,
-                                      stop_reason=reason.removeprefix(REAPED))
-            await self.records.update(cluster_id, status=Status.STOPPED, workers_running=0)
-        else:
-            log.warning("scheduler lost: %s", reason)
-            await self.records.update(cluster_id, status=Status.FAILED,
-                                      stop_reason=f"failed: {reason}", workers_running=0)
+        await self._end_lost(record, reason)
         runner = self.runners.get(cluster_id)
         if runner is not None:
             runner.task.cancel()
