@@ -31,8 +31,10 @@ from clusters.base import (
 )
 from clusters.local.forkserver import default_launcher
 from clusters.local.procs import (
+    OWNER_VAR,
     ProcessRef,
     exit_reason,
+    host_basics,
     is_alive,
     ref_for,
     terminate,
@@ -43,11 +45,7 @@ from clusters.sandbox import support as sandbox_support
 
 logger = logging.getLogger("provisioner.local")
 
-OWNER_VAR = "DASK_PROVISIONER_OWNER"
 REAPED_FILE = "reaped"
-#: Harmless variables of the host passed through: where programs are, locale, and CPU quirks
-#: some BLAS builds need to run correctly on this hardware.
-PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 class Launcher(Protocol):
@@ -104,8 +102,7 @@ class LocalBackend(Backend):
 
     def environment(self, spec: ClusterSpec, worker: bool) -> dict[str, str]:
         """Exactly what a cluster process sees: a few host basics, the tenant's env, our marker."""
-        env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
-        env.setdefault("PATH", os.defpath)
+        env = host_basics()
         env["HOME"] = env["TMPDIR"] = str(self._cluster(spec.cluster_id).directory)
         if worker:
             env.update(WORKER_ENV)

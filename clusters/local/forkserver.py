@@ -32,15 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from clusters.base import LaunchError
-from clusters.local.procs import ProcessRef, ref_for, wait_exit
+from clusters.local.procs import OWNER_VAR, ProcessRef, host_basics, ref_for, wait_exit
 from clusters.local.spawn import ProcessLauncher, _read_line
 
 logger = logging.getLogger("provisioner.local.forkserver")
 
-OWNER_VAR = "DASK_PROVISIONER_OWNER"  # as in clusters.local.backend (which imports us)
 ZYGOTE_FD = 3
-#: What the zygote's own environment holds besides the owner marker and HOME.
-ZYGOTE_PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 LAUNCHER_VAR = "PROVISIONER_LOCAL_LAUNCHER"
 
 
@@ -143,8 +140,7 @@ class ForkServerLauncher(ProcessLauncher):
         self._warming: asyncio.Future[None] | None = None
 
     def zygote_environment(self) -> dict[str, str]:
-        env = {k: os.environ[k] for k in ZYGOTE_PASS_THROUGH if k in os.environ}
-        env.setdefault("PATH", os.defpath)
+        env = host_basics()
         env["HOME"] = str(self.home)
         env[OWNER_VAR] = f"{self.owner}:forkserver"
         return env

@@ -13,6 +13,20 @@ import os
 import signal
 from dataclasses import dataclass
 
+#: Every process a local backend starts carries ``<owner>:<what>`` here, so a restarted
+#: service tells its own processes (and its fork server) from everything else.
+OWNER_VAR = "DASK_PROVISIONER_OWNER"
+#: Harmless variables of the host passed through: where programs are, locale, and CPU quirks
+#: some BLAS builds need to run correctly on this hardware.
+PASS_THROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def host_basics() -> dict[str, str]:
+    """The little of the host's environment a local process starts from."""
+    env = {k: os.environ[k] for k in PASS_THROUGH if k in os.environ}
+    env.setdefault("PATH", os.defpath)
+    return env
+
 
 @dataclass(frozen=True, slots=True)
 class ProcessRef:
