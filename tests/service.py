@@ -101,6 +101,19 @@ class ServiceProcess:
             headers["Authorization"] = f"Bearer {token}"
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
+    def create(self, name: str, wait: float = 90, **body: Any) -> dict[str, Any]:
+        """Create a cluster of tenant ``name`` and wait until it runs (asserted)."""
+        with self.client(name) as http:
+            r = http.post("/clusters", params={"wait": wait}, json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["status"] == "running", r.json()
+        return r.json()
+
+    def get_cluster(self, name: str, cluster_id: str) -> dict[str, Any]:
+        """Tenant ``name``'s record of one cluster."""
+        with self.client(name) as http:
+            return http.get(f"/clusters/{cluster_id}").json()
+
     def signal(self, sig: int) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)

@@ -31,13 +31,6 @@ def _parent(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
 
 
-def _create(svc: ServiceProcess, name: str, **body: Any) -> dict[str, Any]:
-    with svc.client(name) as http:
-        r = http.post("/clusters?wait=60", json=body)
-    assert r.status_code == 201 and r.json()["status"] == "running", r.text
-    return r.json()
-
-
 def _pids(c: dict[str, Any], workers: int = 1) -> tuple[int, list[int]]:
     """Scheduler and worker pids as the cluster itself reports them."""
     with Client(c["scheduler_address"], timeout=30) as client:
@@ -65,7 +58,7 @@ def _memory_holds(pid: int, needle: bytes) -> bool:
 def test_forked_processes_get_exactly_their_environment(make_service: MakeService) -> None:
     svc = make_service([tenant("acme")], args=["--no-tls"], env={SECRET: "hunter2"}).start()
     tenant_secret = os.urandom(12).hex()
-    c = _create(svc, "acme", workers=1, env={
+    c = svc.create("acme", workers=1, env={
         "TENANT_SETTING": tenant_secret, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "7",
         "DASK_LOGGING__DISTRIBUTED": "debug",
     })
@@ -104,8 +97,8 @@ def test_forked_processes_get_exactly_their_environment(make_service: MakeServic
 
 def test_clusters_are_distinct_sessions_and_survive_a_killed_service(make_service: MakeService) -> None:
     svc = make_service([tenant("acme"), tenant("zeta")], args=["--no-tls"]).start()
-    clusters = [_create(svc, "acme", workers=1), _create(svc, "acme", workers=1),
-                _create(svc, "zeta", workers=2)]
+    clusters = [svc.create("acme", workers=1), svc.create("acme", workers=1),
+                svc.create("zeta", workers=2)]
     pids = [_pids(c, workers=c["workers"]["requested"]) for c in clusters]
     every = [p for sched, workers in pids for p in (sched, *workers)]
     assert len(every) == len(set(every)) == 7, f"a process shared between clusters: {pids}"
@@ -195,7 +188,7 @@ def test_spawned_processes_keep_keys_out_of_argv_and_are_confined(make_service: 
     """The fallback launcher (a fresh interpreter per process): the cluster's TLS key never
     shows in a command line (readable by every user), and the process confines itself too."""
     svc = make_service([tenant("acme")], env={"PROVISIONER_LOCAL_LAUNCHER": "spawn"}).start()
-    c = _create(svc, "acme", workers=1)
+    c = svc.create("acme", workers=1)
     # Running means the scheduler is up; its worker is launched right after.
     processes = wait_until(lambda: len(p := svc.processes_of(c["id"])) == 2 and p,
                            what="scheduler and worker processes")

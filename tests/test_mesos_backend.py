@@ -103,19 +103,6 @@ def running_ids(master: MesosMasterProcess, prefix: str) -> set[str]:
     return {t["task_id"] for t in tasks(master, prefix) if t["state"] == "TASK_RUNNING"}
 
 
-def create(svc: ServiceProcess, name: str, **body: Any) -> dict[str, Any]:
-    with svc.client(name) as http:
-        r = http.post("/clusters?wait=90", json=body)
-        assert r.status_code == 201, r.text
-        assert r.json()["status"] == "running", r.json()
-        return r.json()
-
-
-def get(svc: ServiceProcess, name: str, cid: str) -> dict[str, Any]:
-    with svc.client(name) as http:
-        return http.get(f"/clusters/{cid}").json()
-
-
 def scale(svc: ServiceProcess, name: str, cid: str, workers: int) -> None:
     with svc.client(name) as http:
         r = http.post(f"/clusters/{cid}/scale", json={"workers": workers})
@@ -133,7 +120,7 @@ def computes(svc: ServiceProcess, name: str, cluster: dict[str, Any],
 
 
 def status_is(svc: ServiceProcess, name: str, cid: str, *wanted: str) -> Any:
-    c = get(svc, name, cid)
+    c = svc.get_cluster(name, cid)
     return c if c["status"] in wanted else None
 
 
@@ -162,7 +149,7 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
     svc = on_mesos(make_service, master, [tenant("acme", cores=4, memory=4 * GiB)]).start()
 
-    c = create(svc, "acme", workers=1)
+    c = svc.create("acme", workers=1)
     cid = c["id"]
     port = int(c["scheduler_address"].rsplit(":", 1)[1])
     assert c["scheduler_address"].startswith("tls://127.0.0.1:"), c
@@ -185,13 +172,13 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     wait_until(lambda: len(running_ids(master, f"{cid}-w")) == 2, what="two worker tasks")
     scale(svc, "acme", cid, 1)
     wait_until(lambda: len(tasks(master, f"{cid}-w")) == 1, what="one worker task left")
-    wait_until(lambda: get(svc, "acme", cid)["workers"]["running"] == 1, what="one worker")
+    wait_until(lambda: svc.get_cluster("acme", cid)["workers"]["running"] == 1, what="one worker")
     # Nothing pending: the framework stops asking for offers.
     wait_until(lambda: framework(master)["suppressed_roles"] == ["acme"], what="suppressed")
     # Offers are never held: all of them were used or declined.
     no_offers_held(master)
 
-    idle = create(svc, "acme", workers=0, idle_timeout=3, image="ghcr.io/dask/dask:2026.8.0")
+    idle = svc.create("acme", workers=0, idle_timeout=3, image="ghcr.io/dask/dask:2026.8.0")
     reaped = wait_until(lambda: status_is(svc, "acme", idle["id"], "stopped"), timeout=60,
                         what="idle reap")
     assert reaped["stop_reason"] == "idle"
@@ -199,7 +186,7 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
 
     # Adaptive: worker tasks follow Dask's target within [0, 2], and go when idle. With cid's
     # scheduler and worker the tenant's 4 cores (and the agent's 4 cpus) are exactly used up.
-    ad = create(svc, "acme", adaptive={"minimum": 0, "maximum": 2})
+    ad = svc.create("acme", adaptive={"minimum": 0, "maximum": 2})
     aid = ad["id"]
     assert ad["adaptive"] == {"minimum": 0, "maximum": 2} and ad["workers"]["requested"] == 0
     assert not tasks(master, f"{aid}-w")
@@ -208,7 +195,7 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
         futures = client.map(time.sleep, [1.0] * 30, pure=False)
         wait_until(lambda: len(running_ids(master, f"{aid}-w")) == 2, timeout=90,
                    what="adaptive growth to two worker tasks")
-        grown = wait_until(lambda: (x := get(svc, "acme", aid))["workers"]["running"] == 2 and x,
+        grown = wait_until(lambda: (x := svc.get_cluster("acme", aid))["workers"]["running"] == 2 and x,
                            timeout=60, what="two workers connected")
         assert grown["workers"]["requested"] == 2  # never above the maximum
         client.gather(futures, errors="raise")
@@ -216,7 +203,7 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
         del futures  # nothing left to compute or to hold: no worker is needed
         wait_until(lambda: not tasks(master, f"{aid}-w"), timeout=90,
                    what="adaptive shrink to no worker task")
-    shrunk = get(svc, "acme", aid)
+    shrunk = svc.get_cluster("acme", aid)
     assert shrunk["status"] == "running" and shrunk["workers"]["requested"] == 0, shrunk
     assert backend_workers(svc, aid) == set()
     assert len(running_ids(master, f"{cid}-w")) == 1  # the other cluster is untouched
@@ -251,8 +238,8 @@ def test_two_tenants_share_a_small_pool_within_quotas(mesos: MakeMaster,
                 total += 1.0 if "-w" in task["task_id"] else 0.5
         return total
 
-    a = create(svc, "alpha", workers=2)
-    b = create(svc, "beta", workers=2)
+    a = svc.create("alpha", workers=2)
+    b = svc.create("beta", workers=2)
     # Mesos's quota: alpha gets its scheduler and one worker; beta what is left.
     wait_until(lambda: len(running_ids(master, f"{a['id']}-w")) == 1, what="alpha worker")
     wait_until(lambda: len(running_ids(master, f"{b['id']}-w")) == 1, what="beta worker")
@@ -280,14 +267,14 @@ def test_two_tenants_share_a_small_pool_within_quotas(mesos: MakeMaster,
 def test_killed_worker_task_is_replaced(mesos: MakeMaster, make_service: MakeService) -> None:
     master = mesos()
     svc = on_mesos(make_service, master, [tenant("acme", cores=4)]).start()
-    c = create(svc, "acme", workers=2)
+    c = svc.create("acme", workers=2)
     wait_until(lambda: len(running_ids(master, f"{c['id']}-w")) == 2, what="workers")
     before = running_ids(master, f"{c['id']}-w")
     victim = sorted(before)[0]
     master.kill_task_process(victim)
     wait_until(lambda: (ids := running_ids(master, f"{c['id']}-w")) and len(ids) == 2
                and victim not in ids, timeout=60, what="a replacement worker")
-    assert get(svc, "acme", c["id"])["status"] == "running"
+    assert svc.get_cluster("acme", c["id"])["status"] == "running"
     names = computes(svc, "acme", c, 2)
     assert victim not in names
 
@@ -296,7 +283,7 @@ def test_agent_loss_heals_workers_and_fails_on_scheduler_loss(
         mesos: MakeMaster, make_service: MakeService) -> None:
     master = mesos(agents=3, agent_cpus=2, agent_mem=2048)
     svc = on_mesos(make_service, master, [tenant("acme", cores=6)]).start()
-    c = create(svc, "acme", workers=2)
+    c = svc.create("acme", workers=2)
     wait_until(lambda: len(running_ids(master, f"{c['id']}-w")) == 2, what="workers")
     placed = {t["task_id"]: t["agent_id"] for t in tasks(master, c["id"])}
     sched_agent = next(a for t, a in placed.items() if "-scheduler-" in t)
@@ -308,7 +295,7 @@ def test_agent_loss_heals_workers_and_fails_on_scheduler_loss(
     master.remove_agent(lost_agent)
     wait_until(lambda: (ids := running_ids(master, f"{c['id']}-w")) and len(ids) == 2
                and not ids & lost, timeout=60, what="workers replaced on other agents")
-    assert get(svc, "acme", c["id"])["status"] == "running"
+    assert svc.get_cluster("acme", c["id"])["status"] == "running"
     computes(svc, "acme", c, 2)
 
     master.remove_agent(sched_agent)
@@ -325,8 +312,8 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
     master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
     svc = on_mesos(make_service, master,
                    [{**tenant("acme", cores=4), "mesos_role": "eng/acme"}]).start()
-    kept = create(svc, "acme", workers=1)
-    doomed = create(svc, "acme", workers=0)
+    kept = svc.create("acme", workers=1)
+    doomed = svc.create("acme", workers=0)
     fw_id = framework(master)["id"]
     assert framework(master)["roles"] == ["eng/acme"]
     wait_until(lambda: len(running_ids(master, f"{kept['id']}-w")) == 1, what="worker")
@@ -360,7 +347,7 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
     svc.start()
     fw = framework(master)
     assert fw["id"] == fw_id and fw["connected"], fw  # same framework, not a new one
-    after = get(svc, "acme", kept["id"])
+    after = svc.get_cluster("acme", kept["id"])
     assert after["status"] == "running"
     assert after["scheduler_address"] == kept["scheduler_address"]
     # The unrecognised task is killed and the cluster gets a new worker in its place.
@@ -372,7 +359,7 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
                == running_ids(master, f"{kept['id']}-w"), what="record of real tasks only")
     assert made_up not in backend_workers(svc, kept["id"])
     assert made_up not in {t["task_id"] for t in tasks(master, "", live=False)}
-    wait_until(lambda: get(svc, "acme", kept["id"])["workers"]["running"] == 1,
+    wait_until(lambda: svc.get_cluster("acme", kept["id"])["workers"]["running"] == 1,
                what="one connected worker")
     failed = wait_until(lambda: status_is(svc, "acme", doomed["id"], "failed"), what="doomed")
     assert "scheduler" in failed["stop_reason"] and "TASK_FAILED" in failed["stop_reason"]
@@ -395,7 +382,7 @@ def test_a_cluster_on_mesos_reaps_itself_when_the_service_is_gone(
     args = ["--backend", "mesos", "--mesos-master", master.address, "--mesos-command", RUNNER]
     svc = make_service([tenant("acme", cores=4)], args=args,
                        env={"PROVISIONER_MESOS_KILL_GRACE": "2", "PROVISIONER_ORPHAN_LEASE": "2"}).start()
-    c = create(svc, "acme", workers=1, no_client_timeout=3, idle_timeout=600)
+    c = svc.create("acme", workers=1, no_client_timeout=3, idle_timeout=600)
     svc.kill()
     wait_until(lambda: not running_ids(master, f"{c['id']}"), timeout=90,
                what="scheduler and worker tasks end on their own")
@@ -411,7 +398,7 @@ def test_dropped_stream_resubscribes_and_carries_on(mesos: MakeMaster,
                                                     make_service: MakeService) -> None:
     master = mesos()
     svc = on_mesos(make_service, master, [tenant("acme", cores=4)]).start()
-    c = create(svc, "acme", workers=1)
+    c = svc.create("acme", workers=1)
     fw_id = framework(master)["id"]
     before = running_ids(master, c["id"])
 
@@ -429,7 +416,7 @@ def test_dropped_stream_resubscribes_and_carries_on(mesos: MakeMaster,
     assert framework(master)["id"] == fw_id
     scale(svc, "acme", c["id"], 1)
     wait_until(lambda: len(tasks(master, f"{c['id']}-w")) == 1, what="scaled down")
-    assert get(svc, "acme", c["id"])["status"] == "running"
+    assert svc.get_cluster("acme", c["id"])["status"] == "running"
 
 
 # -- the backend in-process, tasks without processes: bookkeeping edge cases -------------------

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from tests.conftest import SERVICE_SECRET
 from tests.intrusion import client_refused, tls_without_client_certificate_refused, worker_cannot_join
 from tests.service import ServiceProcess, tenant, wait_until
-from tests.test_mesos_backend import RUNNER, MakeMaster, MakeService, create, mesos, running_ids
+from tests.test_mesos_backend import RUNNER, MakeMaster, MakeService, mesos, running_ids
 
 __all__ = ["mesos"]  # the fixture, shared with the Mesos backend tests
 
@@ -24,8 +24,8 @@ def test_tls_env_and_scheduler_loss_on_mesos(mesos: MakeMaster, make_service: Ma
         [tenant("red", cores=2, env={"TEAM": "red"}), tenant("blue", cores=2)], args=args,
         env={"PROVISIONER_MESOS_KILL_GRACE": "2", "SERVICE_SECRET": SERVICE_SECRET},
     ).start()
-    red = create(svc, "red", workers=1, env={"MODEL": "v3"})
-    blue = create(svc, "blue", workers=0)
+    red = svc.create("red", workers=1, env={"MODEL": "v3"})
+    blue = svc.create("blue", workers=0)
     assert red["scheduler_address"].startswith("tls://")
     red_security = svc.security("red", red["id"])
     with Client(red["scheduler_address"], security=red_security, timeout=30) as client:

@@ -10,14 +10,6 @@ from distributed import Client
 from tests.service import ServiceProcess, wait_until
 
 
-def _create(service: ServiceProcess, **body: Any) -> dict[str, Any]:
-    with service.client("alpha") as http:
-        r = http.post("/clusters?wait=60", json={"project": "reaping", **body})
-        assert r.status_code == 201, r.text
-        assert r.json()["status"] == "running"
-        return r.json()
-
-
 def _final(service: ServiceProcess, cid: str, timeout: float = 60) -> dict[str, Any]:
     with service.client("alpha") as http:
         return wait_until(
@@ -28,7 +20,7 @@ def _final(service: ServiceProcess, cid: str, timeout: float = 60) -> dict[str, 
 
 
 def test_no_client_reap(service: ServiceProcess) -> None:
-    c = _create(service, workers=0, no_client_timeout=2, idle_timeout=600)
+    c = service.create("alpha", project="reaping", workers=0, no_client_timeout=2, idle_timeout=600)
     try:
         pids = wait_until(lambda: service.processes_of(c["id"]), what="scheduler pid")
         final = _final(service, c["id"])
@@ -41,7 +33,7 @@ def test_no_client_reap(service: ServiceProcess) -> None:
 
 
 def test_idle_reap_with_a_client_connected(service: ServiceProcess) -> None:
-    c = _create(service, workers=1, idle_timeout=3, no_client_timeout=600)
+    c = service.create("alpha", project="reaping", workers=1, idle_timeout=3, no_client_timeout=600)
     try:
         with Client(c["scheduler_address"], security=service.security("alpha", c["id"]), timeout=30) as client:
             client.wait_for_workers(1, timeout=60)
@@ -55,7 +47,7 @@ def test_idle_reap_with_a_client_connected(service: ServiceProcess) -> None:
 
 
 def test_long_computation_is_never_reaped(service: ServiceProcess) -> None:
-    c = _create(service, workers=1, idle_timeout=2, no_client_timeout=2)
+    c = service.create("alpha", project="reaping", workers=1, idle_timeout=2, no_client_timeout=2)
     try:
         with Client(c["scheduler_address"], security=service.security("alpha", c["id"]), timeout=30) as client:
             client.wait_for_workers(1, timeout=60)
@@ -78,7 +70,7 @@ def test_long_computation_is_never_reaped(service: ServiceProcess) -> None:
 def test_work_waiting_for_a_worker_is_not_idle(service: ServiceProcess) -> None:
     """A task with no worker to run it yet keeps the cluster alive past its idle timeout; the
     worker that comes has the requested cores as threads; once done, the cluster is idle."""
-    c = _create(service, workers=0, worker_cores=2, idle_timeout=2, no_client_timeout=600)
+    c = service.create("alpha", project="reaping", workers=0, worker_cores=2, idle_timeout=2, no_client_timeout=600)
     try:
         with Client(c["scheduler_address"], security=service.security("alpha", c["id"]),
                     timeout=30) as client:

@@ -16,18 +16,6 @@ from tests.service import ServiceProcess, tenant, wait_until
 MakeService = Callable[..., ServiceProcess]
 
 
-def _create(svc: ServiceProcess, **body: Any) -> dict[str, Any]:
-    with svc.client("acme") as http:
-        r = http.post("/clusters?wait=60", json=body)
-        assert r.status_code == 201 and r.json()["status"] == "running", r.text
-        return r.json()
-
-
-def _get(svc: ServiceProcess, cid: str) -> dict[str, Any]:
-    with svc.client("acme") as http:
-        return http.get(f"/clusters/{cid}").json()
-
-
 def _computes(svc: ServiceProcess, c: dict[str, Any], workers: int) -> None:
     with Client(c["scheduler_address"], security=svc.security("acme", c["id"]), timeout=30) as client:
         client.wait_for_workers(workers, timeout=60)
@@ -36,9 +24,9 @@ def _computes(svc: ServiceProcess, c: dict[str, Any], workers: int) -> None:
 
 def test_sigkill_and_restart_keeps_clusters_managed(make_service: MakeService) -> None:
     svc = make_service([tenant("acme", cores=8)]).start()
-    kept = _create(svc, workers=1)
-    doomed = _create(svc, workers=1)
-    reaped = _create(svc, workers=0, no_client_timeout=6)
+    kept = svc.create("acme", workers=1)
+    doomed = svc.create("acme", workers=1)
+    reaped = svc.create("acme", workers=0, no_client_timeout=6)
     wait_until(lambda: len(svc.processes_of(doomed["id"])) == 2, what="doomed workers")
     wait_until(lambda: len(svc.processes_of(kept["id"])) == 2, what="kept workers")
     kept_pids = svc.processes_of(kept["id"])
@@ -53,12 +41,12 @@ def test_sigkill_and_restart_keeps_clusters_managed(make_service: MakeService) -
     assert all(is_alive(p) for p in kept_pids), "cluster processes must outlive the service"
 
     svc.start()
-    after = _get(svc, kept["id"])
+    after = svc.get_cluster("acme", kept["id"])
     assert after["status"] == "running" and after["scheduler_address"] == kept["scheduler_address"]
     assert sorted(p.pid for p in svc.processes_of(kept["id"])) == sorted(p.pid for p in kept_pids)
     _computes(svc, kept, 1)
 
-    failed = _get(svc, doomed["id"])
+    failed = svc.get_cluster("acme", doomed["id"])
     assert failed["status"] == "failed" and "scheduler" in failed["stop_reason"]
     assert failed["stop_reason"].startswith("failed: ")
     wait_until(lambda: not any(is_alive(p) for p in doomed_pids), what="doomed worker killed")
@@ -70,49 +58,49 @@ def test_sigkill_and_restart_keeps_clusters_managed(make_service: MakeService) -
         # Still managed: scale, reap and delete all work on re-adopted clusters.
         assert http.post(f"/clusters/{kept['id']}/scale", json={"workers": 2}).status_code == 200
         _computes(svc, kept, 2)
-        final = wait_until(lambda: (c := _get(svc, reaped["id"]))["status"] == "stopped" and c,
+        final = wait_until(lambda: (c := svc.get_cluster("acme", reaped["id"]))["status"] == "stopped" and c,
                            what="reap after restart")
         assert final["stop_reason"] == "no-client"
         pids = svc.processes_of(kept["id"])
         assert http.delete(f"/clusters/{kept['id']}").status_code == 200
-        wait_until(lambda: _get(svc, kept["id"])["status"] == "stopped", what="stopped")
+        wait_until(lambda: svc.get_cluster("acme", kept["id"])["status"] == "stopped", what="stopped")
         assert not any(is_alive(p) for p in pids)
     assert svc.owned() == []
 
 
 def test_graceful_stop_stops_every_cluster(make_service: MakeService) -> None:
     svc = make_service([tenant("acme")]).start()
-    c = _create(svc, workers=1)
+    c = svc.create("acme", workers=1)
     wait_until(lambda: len(svc.processes_of(c["id"])) == 2, what="worker up")
     pids = svc.processes_of(c["id"])
     assert svc.signal(signal.SIGTERM) == 0
     assert not any(is_alive(p) for p in pids)
     assert svc.owned() == []
     svc.start()
-    stopped = _get(svc, c["id"])
+    stopped = svc.get_cluster("acme", c["id"])
     assert stopped["status"] == "stopped" and stopped["stop_reason"] == "service-shutdown"
 
 
 def test_keep_clusters_leaves_them_running_and_readopts(make_service: MakeService) -> None:
     svc = make_service([tenant("acme")], args=["--keep-clusters"]).start()
-    c = _create(svc, workers=1)
+    c = svc.create("acme", workers=1)
     wait_until(lambda: len(svc.processes_of(c["id"])) == 2, what="worker up")
     pids = svc.processes_of(c["id"])
     assert svc.signal(signal.SIGINT) == 0
     assert all(is_alive(p) for p in pids)
     svc.start()
-    assert _get(svc, c["id"])["status"] == "running"
+    assert svc.get_cluster("acme", c["id"])["status"] == "running"
     _computes(svc, c, 1)
     with svc.client("acme") as http:
         assert http.delete(f"/clusters/{c['id']}").status_code == 200
-    wait_until(lambda: _get(svc, c["id"])["status"] == "stopped", what="stopped")
+    wait_until(lambda: svc.get_cluster("acme", c["id"])["status"] == "stopped", what="stopped")
     assert not any(is_alive(p) for p in pids)
 
 
 def test_strays_without_records_are_killed_on_start(make_service: MakeService) -> None:
     """A process started just before a crash, with no record of it, is not left orphaned."""
     svc = make_service([tenant("acme")]).start()
-    c = _create(svc, workers=0)
+    c = svc.create("acme", workers=0)
     (sched,) = svc.processes_of(c["id"])
     svc.kill()
     # Forget the record's process state, as if the crash came between spawn and save.
@@ -120,15 +108,15 @@ def test_strays_without_records_are_killed_on_start(make_service: MakeService) -
             s='{"scheduler": null, "workers": {}}', id=c["id"])
     svc.start()
     wait_until(lambda: not is_alive(sched), what="stray killed")
-    assert _get(svc, c["id"])["status"] == "failed"
+    assert svc.get_cluster("acme", c["id"])["status"] == "failed"
 
 
 def test_a_cluster_reaps_itself_when_the_service_is_gone(make_service: MakeService) -> None:
     """Never left behind: with no word from the service, a cluster applies its own idle rules
     (the lease counts from the end of the service's last long-poll)."""
     svc = make_service([tenant("acme")], env={"PROVISIONER_ORPHAN_LEASE": "2"}).start()
-    idle = _create(svc, workers=1, no_client_timeout=20, idle_timeout=600)
-    busy = _create(svc, workers=1, no_client_timeout=4, idle_timeout=600)
+    idle = svc.create("acme", workers=1, no_client_timeout=20, idle_timeout=600)
+    busy = svc.create("acme", workers=1, no_client_timeout=4, idle_timeout=600)
     idle_pids = wait_until(lambda: (p := svc.processes_of(idle["id"])) and len(p) == 2 and p,
                            what="idle cluster's worker")
     busy_pids = wait_until(lambda: (p := svc.processes_of(busy["id"])) and len(p) == 2 and p,
@@ -147,7 +135,7 @@ def test_a_cluster_reaps_itself_when_the_service_is_gone(make_service: MakeServi
     wait_until(lambda: not is_alive(busy_pids[0]), timeout=60, what="second self-reap")
     svc.start()
     for c in (idle, busy):
-        reaped = _get(svc, c["id"])
+        reaped = svc.get_cluster("acme", c["id"])
         assert reaped["status"] == "stopped" and reaped["stop_reason"] == "no-client", reaped
     wait_until(lambda: not any(is_alive(p) for p in idle_pids + busy_pids), what="workers gone")
     with svc.client("acme") as http:
