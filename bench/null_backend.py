@@ -9,34 +9,44 @@ tasks it keeps in production, with no process started.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from distributed.core import Server
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from clusters.base import Backend, BackendEvents, ClusterSpec, SchedulerEndpoint
+from clusters.plugin import CONTROL_PREFIX
+
+
+class _Report(web.RequestHandler):
+    async def get(self) -> None:
+        if self.get_query_argument("version", "-1") == "1":
+            await asyncio.sleep(float(self.get_query_argument("timeout", "30")))  # nothing changes
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"version": 1, "workers": [], "clients": 1, "busy": True,
+                                "idle_for": None, "no_client_for": None, "adaptive_target": 0}))
 
 
 class ReportServer:
-    """Answers ``provisioner_report`` for every cluster: busy, no changes, held until timeout."""
+    """Answers the report long-poll of every cluster over plain HTTP, as a scheduler's plugin
+    does (clusters.plugin): busy, no changes, held until the timeout."""
 
     def __init__(self) -> None:
-        self.server = Server({"provisioner_report": self.report}, connection_limit=65536)
-        self.address = ""
+        self.server = HTTPServer(web.Application([(CONTROL_PREFIX + "/report", _Report)]))
+        self.url = ""
 
     async def start(self) -> str:
-        await self.server.listen("tcp://127.0.0.1:0")
-        self.address = self.server.address
-        return self.address
+        sockets = bind_sockets(0, "127.0.0.1")
+        self.server.add_sockets(sockets)
+        self.url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+        return self.url
 
     async def close(self) -> None:
-        await self.server.close()
-
-    async def report(self, version: int = -1, timeout: float = 30.0) -> dict[str, Any]:
-        if version == 1:
-            await asyncio.sleep(timeout)  # nothing ever changes
-        return {"version": 1, "workers": [], "clients": 1, "busy": True, "idle_for": None,
-                "no_client_for": None, "adaptive_target": 0}
+        self.server.stop()
+        await self.server.close_all_connections()
 
 
 class NullBackend(Backend):
@@ -60,7 +70,7 @@ class NullBackend(Backend):
         return {spec.cluster_id: None for spec, _ in clusters}
 
     async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
-        return SchedulerEndpoint(self.reports.address)
+        return SchedulerEndpoint("tcp://127.0.0.1:1", self.reports.url)
 
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
         self._workers.setdefault(spec.cluster_id, set()).update(names)

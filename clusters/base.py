@@ -55,16 +55,39 @@ WORKER_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "65536",
 }
 
-#: How a backend says a scheduler ended by reaping itself: ``"reaped: idle"``. A scheduler
-#: exits with status 0 only then (a stop is a kill), which is all Mesos's reconciliation
-#: keeps of it; the local backend also finds the exact reason in a file the plugin writes.
+#: How a backend says a scheduler ended by reaping itself: ``"reaped: idle"``.
 REAPED = "reaped: "
+#: A scheduler that reaped itself exits with one of these statuses (any other end is a kill,
+#: or status 3); a small enum, since everything a cluster process says is the tenant's to forge.
+REAP_EXIT_CODES = {"idle": 80, "no-client": 81}
+REAP_REASONS = {code: reason for reason, code in REAP_EXIT_CODES.items()}
+#: The local backend may be away when a scheduler reaps itself (its exit status then reaches
+#: no one), so the scheduler also writes its reason, one word, to this file in its folder.
+REAPED_FILE = ".reaped"
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerEndpoint:
+    """Where a scheduler listens: Dask's address, and the base URL of its HTTP server (the
+    dashboard, under :func:`clusters.runner.dashboard_prefix`, and the service's control
+    routes of :mod:`clusters.plugin`)."""
+
     address: str
-    dashboard_url: str | None = None
+    http_url: str | None = None
+
+    @classmethod
+    def of(cls, host: str, port: object, http_port: object, tls: bool) -> SchedulerEndpoint:
+        """Build the endpoint from a host the backend chose and ports a process reported:
+        the ports are checked (the process runs tenant code), the rest is ours."""
+        from distributed.comm.addressing import unparse_host_port
+
+        for value in (port, http_port):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+                raise LaunchError(f"scheduler reported an invalid port {str(value)[:20]!r}")
+        assert isinstance(port, int) and isinstance(http_port, int)
+        scheme = "tls" if tls else "tcp"
+        return cls(f"{scheme}://{unparse_host_port(host, port)}",
+                   f"{'https' if tls else 'http'}://{unparse_host_port(host, http_port)}")
 
 
 class BackendEvents(Protocol):

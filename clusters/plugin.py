@@ -1,25 +1,97 @@
 """A small plugin inside each Dask scheduler that tells the service what the cluster is doing.
 
-The service long-polls the ``provisioner_report`` handler: it returns at once when something
-changed since the version the caller saw (workers, clients, busy/idle, adaptive target), or
-after ``timeout`` seconds. That is push in effect (a change reaches the service within one
-tick) over a connection the service opens, so it works the same on local processes and on
-Mesos agents and needs no route back from the cluster to the service.
+The service talks to it over the scheduler's own HTTP server (the dashboard's port), in plain
+JSON: with TLS that server requires a client certificate of the cluster's own CA
+(:func:`clusters.runner.require_client_certificates`), so only the service and the cluster's
+owner reach it. Dask's RPC is never used for this: its protocol unpickles what the far end
+sends, and every byte a scheduler sends is tenant-controlled (tenant code runs in the
+scheduler and may replace these very handlers), so the service reads nothing but bounded,
+validated JSON (:mod:`provisioner.watch`).
+
+``GET /dask-provisioner/report?version=V&timeout=T`` is a long-poll: it answers at once when
+something changed since version V (workers, clients, busy/idle, adaptive target), or after T
+seconds. That is push in effect over a connection the service opens, so it works the same on
+local processes and on Mesos agents and needs no route back from the cluster to the service.
+``GET /dask-provisioner/workers-to-close?n=N`` and ``POST /dask-provisioner/retire`` (a JSON
+list of names) serve scale-down. The paths lie outside the dashboard's prefix, so the
+service's dashboard proxy never forwards a tenant's request to them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import time
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
+from tornado import web
+
+from clusters.base import REAP_EXIT_CODES, REAPED_FILE
 
 logger = logging.getLogger("provisioner.plugin")
 
 FIRE_AND_FORGET = "fire-and-forget"
+#: Where the control routes live on the scheduler's HTTP server (not under the dashboard's prefix).
+CONTROL_PREFIX = "/dask-provisioner"
+#: Most worker names one retire request may carry.
+MAX_RETIRE = 10_000
+
+
+class _Handler(web.RequestHandler):
+    plugin: ProvisionerPlugin
+
+    def initialize(self, plugin: ProvisionerPlugin) -> None:
+        self.plugin = plugin
+
+    def check_xsrf_cookie(self) -> None:  # a JSON API for the service, no browser forms
+        return None
+
+    def _number(self, name: str, default: float, low: float, high: float) -> float:
+        try:
+            value = float(self.get_query_argument(name, str(default)))
+        except ValueError:
+            raise web.HTTPError(400, f"{name} must be a number") from None
+        return min(max(value, low), high)
+
+    def _reply(self, payload: dict[str, Any]) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(payload))
+
+
+class ReportHandler(_Handler):
+    async def get(self) -> None:
+        version = int(self._number("version", -1, -1, 2**53))
+        timeout = self._number("timeout", 30.0, 0.0, 300.0)
+        self._reply(await self.plugin.report(version, timeout))
+
+
+class WorkersToCloseHandler(_Handler):
+    def get(self) -> None:
+        n = int(self._number("n", 0, 0, MAX_RETIRE))
+        scheduler = self.plugin.scheduler
+        assert scheduler is not None
+        names = scheduler.workers_to_close(n=n, attribute="name") if n else []
+        self._reply({"names": [str(name) for name in names]})
+
+
+class RetireHandler(_Handler):
+    async def post(self) -> None:
+        try:
+            names = json.loads(self.request.body or b"null")
+        except ValueError:
+            raise web.HTTPError(400, "body must be a JSON list of worker names") from None
+        if not isinstance(names, list) or len(names) > MAX_RETIRE \
+                or not all(isinstance(n, str) for n in names):
+            raise web.HTTPError(400, "body must be a JSON list of worker names")
+        scheduler = self.plugin.scheduler
+        assert scheduler is not None
+        retired = await scheduler.retire_workers(names=names, close_workers=True, remove=True)
+        self._reply({"retired": len(retired)})
 
 
 class ProvisionerPlugin(SchedulerPlugin):
@@ -29,7 +101,7 @@ class ProvisionerPlugin(SchedulerPlugin):
 
     def __init__(self, tick: float = 0.25, reap: dict[str, Any] | None = None) -> None:
         self.tick = tick
-        #: idle_timeout, no_client_timeout, lease (s), file: applied only without the service.
+        #: idle_timeout, no_client_timeout, lease (s), folder: applied only without the service.
         self.reap = reap or {}
         self._last_polled = time.monotonic()
         self._polls_open = 0
@@ -46,7 +118,14 @@ class ProvisionerPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self._changed = asyncio.Event()
-        scheduler.handlers["provisioner_report"] = self.report
+        app = getattr(scheduler, "http_application", None)
+        if app is not None:
+            args = {"plugin": self}
+            app.add_handlers(r".*", [
+                (CONTROL_PREFIX + "/report", ReportHandler, args),
+                (CONTROL_PREFIX + "/workers-to-close", WorkersToCloseHandler, args),
+                (CONTROL_PREFIX + "/retire", RetireHandler, args),
+            ])
         self._task = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
@@ -133,10 +212,16 @@ class ProvisionerPlugin(SchedulerPlugin):
         self.reaped = reason
         logger.warning("no word from the service for %.0fs: reaping this cluster (%s)",
                        now - self._last_polled, reason)
-        if self.reap.get("file"):
-            with open(self.reap["file"], "w") as f:
-                f.write(reason)
+        folder = self.reap.get("folder")
+        if folder:  # the local backend reads this back (one word) if it was away meanwhile
+            with contextlib.suppress(OSError):
+                with open(os.path.join(folder, REAPED_FILE), "w") as f:
+                    f.write(reason)
         self._closing = asyncio.ensure_future(s.close(reason=f"reaped-{reason}"))
+
+    def exit_code(self) -> int | None:
+        """The status this scheduler's process ends with if it reaped itself."""
+        return REAP_EXIT_CODES.get(self.reaped) if self.reaped else None
 
     async def report(self, version: int = -1, timeout: float = 30.0) -> dict[str, Any]:
         """Return the cluster's state once it differs from ``version`` (or after ``timeout``)."""

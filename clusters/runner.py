@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -46,19 +47,30 @@ def security_from(credentials: dict[str, str] | None) -> Security | None:
     )
 
 
-def scheduler_options(spec: ClusterSpec, reap_file: str | None = None,
+def dashboard_prefix(cluster_id: str) -> str:
+    """Where a scheduler serves its dashboard: the path the service's proxy forwards as is."""
+    return f"/clusters/{cluster_id}/dashboard"
+
+
+def scheduler_options(spec: ClusterSpec, reap_folder: str | None = None,
                       **extra: Any) -> dict[str, Any]:
     """What a backend passes to start ``spec``'s scheduler (plus host/port of its choosing)."""
     reap = {"idle_timeout": spec.idle_timeout, "no_client_timeout": spec.no_client_timeout,
-            "lease": spec.lease, "file": reap_file}
-    return {"credentials": spec.credentials or None, "reap": reap, **extra}
+            "lease": spec.lease, "folder": reap_folder}
+    return {"credentials": spec.credentials or None, "reap": reap,
+            "http_prefix": dashboard_prefix(spec.cluster_id), **extra}
+
+
+def worker_threads(cores: float) -> int:
+    """Task threads for a worker of ``cores`` cores: whole threads, at least one."""
+    return max(1, math.ceil(cores - 1e-9))
 
 
 def worker_options(spec: ClusterSpec, address: str, name: str, death_timeout: float,
                    **extra: Any) -> dict[str, Any]:
     """What a backend passes to start one worker of ``spec`` named ``name``."""
     return {
-        "address": address, "name": name, "nthreads": max(1, round(spec.worker_cores)),
+        "address": address, "name": name, "nthreads": worker_threads(spec.worker_cores),
         "memory_limit": spec.worker_memory, "death_timeout": death_timeout,
         "credentials": spec.credentials or None, **extra,
     }
@@ -72,44 +84,93 @@ def protocol_for(credentials: dict[str, str] | None) -> str:
     return "tls://" if credentials else "tcp://"
 
 
+def require_client_certificates(server: Any, ca_pem: str) -> None:
+    """Make the server's HTTPS (dashboard and the service's JSON control routes) accept only
+    clients holding a certificate of the cluster's own CA. Dask's own TLS option for the
+    dashboard encrypts but asks no client for a certificate."""
+    import ssl
+
+    context = getattr(getattr(server, "http_server", None), "ssl_options", None)
+    if not isinstance(context, ssl.SSLContext):
+        raise RuntimeError("the scheduler's HTTP server is not using TLS")
+    context.load_verify_locations(cadata=ca_pem)
+    context.verify_mode = ssl.CERT_REQUIRED
+
+
+@contextlib.contextmanager
+def _dashboard_tls(credentials: dict[str, str] | None) -> Any:
+    """Dask config that serves the HTTP server over TLS with the cluster's certificate; Dask
+    reads PEM files, written to a private folder only while the scheduler is built."""
+    if not credentials:
+        yield
+        return
+    import tempfile
+
+    import dask.config
+
+    with tempfile.TemporaryDirectory(prefix="dashboard-tls-") as folder:
+        paths = {}
+        for part in ("ca", "cert", "key"):
+            paths[part] = os.path.join(folder, f"{part}.pem")
+            fd = os.open(paths[part], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(credentials[part])
+        with dask.config.set({"distributed.scheduler.dashboard.tls.ca-file": paths["ca"],
+                              "distributed.scheduler.dashboard.tls.cert": paths["cert"],
+                              "distributed.scheduler.dashboard.tls.key": paths["key"]}):
+            yield
+
+
 async def _scheduler(options: dict[str, Any]) -> Scheduler:
     from distributed import Scheduler
 
     from clusters.plugin import ProvisionerPlugin
 
     host = options.get("host", "127.0.0.1")
-    scheduler = Scheduler(
-        host=host,
-        port=options.get("port", 0),
-        protocol=protocol_for(options.get("credentials")),
-        security=security_from(options.get("credentials")),
-        # The HTTP server always runs (health, metrics): on our host and a port we chose,
-        # never Dask's default of 8787 on every interface. The dashboard needs bokeh.
-        dashboard=HAVE_BOKEH,
-        dashboard_address=f"{host}:{options.get('dashboard_port') or 0}",
-        validate=False,
-    )
+    credentials = options.get("credentials")
+    with _dashboard_tls(credentials):
+        scheduler = Scheduler(
+            host=host,
+            port=options.get("port", 0),
+            protocol=protocol_for(credentials),
+            security=security_from(credentials),
+            # The HTTP server always runs (the service's control routes, health): on our
+            # host and a port we chose, never Dask's default of 8787 on every interface.
+            dashboard=HAVE_BOKEH,
+            dashboard_address=f"{host}:{options.get('dashboard_port') or 0}",
+            http_prefix=options.get("http_prefix") or "/",
+            validate=False,
+        )
+    # The HTTP server listens already, but the event loop has not run since: no connection
+    # is accepted before this takes effect.
+    if credentials:
+        require_client_certificates(scheduler, credentials["ca"])
     scheduler.add_plugin(ProvisionerPlugin(reap=options.get("reap")))
     await scheduler
     return scheduler
 
 
 async def _worker(options: dict[str, Any]) -> Worker:
+    import dask.config
     from distributed import Worker
     from tornado.ioloop import PeriodicCallback
 
-    worker = Worker(
-        options["address"],
-        name=options["name"],
-        nthreads=int(options.get("nthreads", 1)),
-        memory_limit=int(options.get("memory_limit", 0)) or "auto",
-        host=options.get("host", "127.0.0.1"),
-        port=options.get("port"),
-        security=security_from(options.get("credentials")),
-        death_timeout=options.get("death_timeout", 60),
-        validate=False,
-    )
-    await worker
+    # A worker's HTTP server would show its logs and call stacks to anyone who can reach it,
+    # with no client certificate asked: it serves nothing (the dashboard is the scheduler's).
+    with dask.config.set({"distributed.worker.http.routes": []}):
+        worker = Worker(
+            options["address"],
+            name=options["name"],
+            nthreads=int(options.get("nthreads", 1)),
+            memory_limit=int(options.get("memory_limit", 0)) or "auto",
+            host=options.get("host", "127.0.0.1"),
+            port=options.get("port"),
+            security=security_from(options.get("credentials")),
+            death_timeout=options.get("death_timeout", 60),
+            dashboard=False,
+            validate=False,
+        )
+        await worker
     if worker.memory_manager.memory_limit:
         worker.periodic_callbacks["provisioner-memory-guard"] = PeriodicCallback(
             functools.partial(_memory_guard, worker), MEMORY_GUARD_INTERVAL * 1000)
@@ -143,19 +204,25 @@ def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
 async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None) -> int:
-    """Start the server, report readiness on ``ready_fd``, run until closed or SIGTERM."""
+    """Start the server, report readiness on ``ready_fd``, run until closed or SIGTERM.
+
+    The report holds ports only: the backend knows the host it asked for and builds the
+    addresses itself, so nothing the process says becomes an address unchecked.
+    """
     loop = asyncio.get_running_loop()
     server: Scheduler | Worker
     if role == "scheduler":
         server = await _scheduler(options)
-        dashboard = None
-        if server.http_server is not None and HAVE_BOKEH:
-            dashboard = f"http://{options.get('host', '127.0.0.1')}:{server.http_server.port}/status"
-        _report_ready(ready_fd, {"address": server.address, "dashboard": dashboard})
+        http = server.http_server.port if server.http_server is not None else None
+        _report_ready(ready_fd, {"port": _port(server.address), "http_port": http})
     elif role == "worker":
         server = await _worker(options)
-        _report_ready(ready_fd, {"address": server.address})
+        _report_ready(ready_fd, {"port": _port(server.address)})
     else:
         raise SystemExit(f"unknown role {role!r}")
 
@@ -171,14 +238,13 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
     stopper.cancel()
     if stop.is_set() or role == "worker":
         return 0
-    # A scheduler ends with status 0 only when it reaped itself (see clusters.base.REAPED);
+    # A scheduler that reaped itself says why in its exit status (clusters.base.REAP_EXIT_CODES);
     # closed any other way (a client's shutdown, an error) it says so with status 3.
-    from distributed import Scheduler
-
     from clusters.plugin import ProvisionerPlugin
 
-    plugin = server.plugins.get(ProvisionerPlugin.name) if isinstance(server, Scheduler) else None
-    return 0 if getattr(plugin, "reaped", None) else 3
+    plugin = server.plugins.get(ProvisionerPlugin.name)
+    code = plugin.exit_code() if isinstance(plugin, ProvisionerPlugin) else None
+    return code if code is not None else 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(role: str, options: dict[str, Any], ready_fd: int | None = None) -> int:
-    """Confine the process when the backend asked to (before any tenant code), then serve."""
+    """Confine the process when the backend asked to, and only then take in what a tenant
+    influences (its environment, Dask's config from it and from files), then serve."""
     confine_from(options)
+    os.environ.update(options.get("env") or {})
+    if "dask" in sys.modules:  # a forked process: Dask read its config before the tenant's env
+        from clusters.daskconfig import reload_config
+
+        reload_config()
     return asyncio.run(serve(role, options, ready_fd))
 
 

@@ -25,7 +25,7 @@ from provisioner.records import Records
 from provisioner.settings import Settings
 from provisioner.tenants import TenantDirectory
 from provisioner.tls import client_credentials, process_credentials
-from provisioner.watch import SchedulerLink, follow
+from provisioner.watch import Report, SchedulerLink, follow
 
 logger = logging.getLogger("provisioner.reconciler")
 
@@ -65,7 +65,7 @@ class ClusterRunner:
         self.id = record.id
         self.log = cluster_log(logger, record.tenant, record.id)
         self.kick = asyncio.Event()
-        self.report: dict[str, Any] | None = None
+        self.report: Report | None = None
         self.report_at = 0.0
         self.link: SchedulerLink | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -100,8 +100,8 @@ class ClusterRunner:
         if record.status in (Status.PENDING, Status.STARTING) and not record.stop_requested:
             if not await self._start():
                 return
-        elif record.status == Status.RUNNING and record.scheduler_address:
-            await self._link(record.scheduler_address)
+        elif record.status == Status.RUNNING and record.dashboard_url:
+            await self._link(record.dashboard_url)
         while True:
             self.kick.clear()  # before looking: a change from here on wakes the next round
             record = self.record
@@ -143,10 +143,11 @@ class ClusterRunner:
             return True  # the loop stops it
         await records.update(
             self.id, status=Status.RUNNING, scheduler_address=endpoint.address,
-            dashboard_url=endpoint.dashboard_url, started_at=time.time(),
+            dashboard_url=endpoint.http_url, started_at=time.time(),
         )
         self.log.info("running address=%s", endpoint.address)
-        await self._link(endpoint.address)
+        if endpoint.http_url:
+            await self._link(endpoint.http_url)
         return True
 
     async def _stop(self, reason: str) -> None:
@@ -174,8 +175,8 @@ class ClusterRunner:
 
     # -- observing -----------------------------------------------------------------------
 
-    async def _link(self, address: str) -> None:
-        self.link = await SchedulerLink.open(address,
+    async def _link(self, http_url: str) -> None:
+        self.link = await SchedulerLink.open(http_url,
                                              client_credentials(self.record.credentials) or None)
         self._follower = asyncio.create_task(
             follow(self.link, self._on_report, self.rec.settings.report_timeout)
@@ -192,10 +193,10 @@ class ClusterRunner:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(link.close(), 5)
 
-    async def _on_report(self, report: dict[str, Any]) -> None:
+    async def _on_report(self, report: Report) -> None:
         self.report = report
         self.report_at = time.monotonic()
-        running = len(report["workers"])
+        running = len(report.workers)
         record = self.rec.records.cached(self.id)
         if record is not None and record.workers_running != running and not record.status.terminal:
             await self.rec.records.update(self.id, workers_running=running)
@@ -227,7 +228,7 @@ class ClusterRunner:
         if not record.adaptive or self.report is None:
             return record
         lo, hi = record.adaptive_minimum or 0, record.adaptive_maximum or 0
-        target = max(lo, min(hi, int(self.report.get("adaptive_target", 0))))
+        target = max(lo, min(hi, self.report.adaptive_target))
         now = time.monotonic()
         tenant = self.rec.tenants.get(record.tenant)
         if tenant is None:
@@ -268,7 +269,7 @@ class ClusterRunner:
             await self._retire(live, len(live) - want)
 
     async def _retire(self, live: set[str], count: int) -> None:
-        connected = set(self.report["workers"]) if self.report else set()
+        connected = set(self.report.workers) if self.report else set()
         # Workers that never connected hold no data: drop those first.
         chosen = sorted(live - connected)[:count]
         graceful: list[str] = []

@@ -99,8 +99,7 @@ def test_tenant_code_is_confined_to_its_own_cluster(
     ca, cb = two_clusters
     assert service.proc is not None
     beta_pids = [p.pid for p in service.processes_of(cb["id"])]
-    beta_dir = service.data_dir / "clusters" / cb["id"]
-    secrets = [str(beta_dir / "scheduler.log")]
+    secrets = [str(service.data_dir / "logs" / cb["id"] / "scheduler.log")]
     if service.state.startswith("sqlite"):
         secrets.append(str(make_url(service.state).database))
     for path in secrets:

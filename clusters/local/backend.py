@@ -15,13 +15,16 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from clusters.base import (
+    REAP_EXIT_CODES,
     REAPED,
+    REAPED_FILE,
     WORKER_ENV,
     Backend,
     BackendEvents,
@@ -45,8 +48,6 @@ from clusters.sandbox import support as sandbox_support
 
 logger = logging.getLogger("provisioner.local")
 
-REAPED_FILE = "reaped"
-
 
 class Launcher(Protocol):
     async def launch(
@@ -60,7 +61,12 @@ class Launcher(Protocol):
 @dataclass
 class _Cluster:
     spec: ClusterSpec | None
+    #: The cluster's own folder (its processes' HOME and TMPDIR): theirs to write, so the
+    #: service reads nothing from it but one checked word (:func:`read_word`).
     directory: Path
+    #: Its processes' logs, in a folder of the service's that they never see: each process
+    #: gets its log as an open file.
+    logs: Path
     scheduler: ProcessRef | None = None
     workers: dict[str, ProcessRef] = field(default_factory=dict)
     stopping: set[str] = field(default_factory=set)
@@ -94,19 +100,19 @@ class LocalBackend(Backend):
     def _cluster(self, cluster_id: str, spec: ClusterSpec | None = None) -> _Cluster:
         cluster = self._clusters.get(cluster_id)
         if cluster is None:
-            directory = self.data_dir / "clusters" / cluster_id
-            cluster = self._clusters[cluster_id] = _Cluster(spec, directory)
+            cluster = self._clusters[cluster_id] = _Cluster(
+                spec, self.data_dir / "clusters" / cluster_id, self.data_dir / "logs" / cluster_id)
         if spec is not None:
             cluster.spec = spec
         return cluster
 
     def environment(self, spec: ClusterSpec, worker: bool) -> dict[str, str]:
-        """Exactly what a cluster process sees: a few host basics, the tenant's env, our marker."""
+        """What a cluster process starts with: a few host basics and our marker. The tenant's
+        variables come in its options and are set only once it has confined itself."""
         env = host_basics()
         env["HOME"] = env["TMPDIR"] = str(self._cluster(spec.cluster_id).directory)
         if worker:
             env.update(WORKER_ENV)
-        env.update(spec.env)
         env[OWNER_VAR] = f"{self.owner}:{spec.cluster_id}"
         return env
 
@@ -132,7 +138,7 @@ class LocalBackend(Backend):
                 return
             cluster.scheduler = None
             await self._save(cluster_id)
-            why = await asyncio.to_thread(self._reaped_reason, cluster) \
+            why = await asyncio.to_thread(self._reaped_reason, cluster, code) \
                 or f"scheduler {exit_reason(code)}"
             await self._events.scheduler_lost(cluster_id, why)
         else:
@@ -177,35 +183,45 @@ class LocalBackend(Backend):
         self._events = None
         await self.launcher.close()
 
+    def _prepare(self, cluster: _Cluster) -> None:
+        """Make the cluster's folders (blocking; run in a thread)."""
+        cluster.directory.mkdir(parents=True, exist_ok=True)
+        cluster.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+
     async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
         cluster = self._cluster(spec.cluster_id, spec)
         cluster.stopping.discard("scheduler")
         if cluster.scheduler and is_alive(cluster.scheduler):
             await terminate(cluster.scheduler, grace=1)
-        cluster.directory.mkdir(parents=True, exist_ok=True)
-        reaped = cluster.directory / REAPED_FILE
-        reaped.unlink(missing_ok=True)
-        options = scheduler_options(spec, str(reaped), host=self.host, port=0,
-                                    **self._confinement(cluster))
+        await asyncio.to_thread(self._prepare, cluster)
+        await asyncio.to_thread(_remove_entry, cluster.directory, REAPED_FILE)
+        options = scheduler_options(spec, str(cluster.directory), host=self.host, port=0,
+                                    env=dict(spec.env), **self._confinement(cluster))
         ref, info = await self.launcher.launch(
             "scheduler", options, self.environment(spec, worker=False),
-            cluster.directory / "scheduler.log",
+            cluster.logs / "scheduler.log",
         )
         cluster.scheduler = ref
         await self._save(spec.cluster_id)
         self._watch(spec.cluster_id, None, ref)
-        return SchedulerEndpoint(info["address"], info.get("dashboard"))
+        try:
+            return SchedulerEndpoint.of(self.host, info.get("port"), info.get("http_port"),
+                                        bool(spec.credentials))
+        except LaunchError:
+            await self.stop_cluster(spec.cluster_id)
+            raise
 
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
         cluster = self._cluster(spec.cluster_id, spec)
-        cluster.directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prepare, cluster)
         env = self.environment(spec, worker=True)
 
         async def one(name: str) -> None:
             options = worker_options(spec, address, name, self.worker_death_timeout,
-                                     host=self.host, **self._confinement(cluster))
+                                     host=self.host, env=dict(spec.env),
+                                     **self._confinement(cluster))
             ref, _ = await self.launcher.launch(
-                "worker", options, env, cluster.directory / f"{name}.log", wait_ready=False
+                "worker", options, env, cluster.logs / f"{name}.log", wait_ready=False
             )
             cluster.workers[name] = ref
             self._watch(spec.cluster_id, name, ref)
@@ -242,8 +258,8 @@ class LocalBackend(Backend):
             task.cancel()
         self._clusters.pop(cluster_id, None)
         await self._save(cluster_id)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(shutil.rmtree, cluster.directory, True)
+        for folder in (cluster.directory, cluster.logs):
+            await asyncio.to_thread(shutil.rmtree, folder, True)
 
     def live_workers(self, cluster_id: str) -> set[str]:
         cluster = self._clusters.get(cluster_id)
@@ -266,7 +282,7 @@ class LocalBackend(Backend):
                 self._watch(spec.cluster_id, None, ref)
                 result[spec.cluster_id] = None
             else:
-                result[spec.cluster_id] = self._reaped_reason(cluster) \
+                result[spec.cluster_id] = self._reaped_reason(cluster, None) \
                     or "scheduler process gone while the service was down"
             for name, data in (state.get("workers") or {}).items():
                 wref = ProcessRef.from_dict(data)
@@ -283,15 +299,54 @@ class LocalBackend(Backend):
         return result
 
     @staticmethod
-    def _reaped_reason(cluster: _Cluster) -> str | None:
-        """A scheduler that reaped itself left its reason in a file (None: it did not)."""
-        try:
-            return REAPED + (cluster.directory / REAPED_FILE).read_text().strip()
-        except OSError:
-            return None
+    def _reaped_reason(cluster: _Cluster, code: int | None) -> str | None:
+        """Why a scheduler reaped itself (None: it did not): its exit status when this service
+        was its parent's, else the one word it left in its folder."""
+        for reason, reaped_code in REAP_EXIT_CODES.items():
+            if code == reaped_code:
+                return REAPED + reason
+        word = read_word(cluster.directory, REAPED_FILE, set(REAP_EXIT_CODES))
+        return REAPED + word if word else None
 
     def _find_ours(self, known: set[int]) -> list[ProcessRef]:
         return [r for r in owned_processes(self.owner) if r.pid not in known]
+
+
+def read_word(folder: Path, name: str, allowed: set[str], limit: int = 32) -> str | None:
+    """One of ``allowed`` read from ``folder/name``, a folder a tenant's processes may write
+    (blocking). A link, a FIFO, a device or a file of anything but a known word is ignored:
+    never followed, never read past ``limit`` bytes, never waited on."""
+    try:
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=folder_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(folder_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        word = os.read(fd, limit).strip().decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return word if word in allowed else None
+
+
+def _remove_entry(folder: Path, name: str) -> None:
+    """Remove ``folder/name`` whatever it is (a link is removed, not followed); blocking."""
+    with contextlib.suppress(OSError):
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(name, dir_fd=folder_fd)
+        finally:
+            os.close(folder_fd)
 
 
 def owner_key(data_dir: Path) -> str:

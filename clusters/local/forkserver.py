@@ -33,7 +33,7 @@ from typing import Any
 
 from clusters.base import LaunchError
 from clusters.local.procs import OWNER_VAR, ProcessRef, host_basics, ref_for, wait_exit
-from clusters.local.spawn import ProcessLauncher, _read_line
+from clusters.local.spawn import LOG_FLAGS, ProcessLauncher, _read_line
 
 logger = logging.getLogger("provisioner.local.forkserver")
 
@@ -53,7 +53,7 @@ class _Zygote:
         try:
             actions = [
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+                (os.POSIX_SPAWN_OPEN, 1, str(log), LOG_FLAGS, 0o600),
                 (os.POSIX_SPAWN_DUP2, 1, 2),
                 (os.POSIX_SPAWN_DUP2, theirs.fileno(), ZYGOTE_FD),
             ]

@@ -19,17 +19,53 @@ from clusters.base import OPTIONS_VAR, LaunchError
 from clusters.local.procs import ProcessRef, exit_reason, ref_for, terminate, wait_exit
 
 READY_FD = 3
+#: How a process's log is opened: in a folder of the service's, never through a link.
+LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:])
-    return ""
+#: The most a process's ready report may hold; a longer one is refused.
+MAX_REPORT = 4096
 
 
-async def _read_line(fd: int) -> bytes:
-    """Read one line from a pipe without blocking the loop; b'' if it closed first."""
+def _tail(path: Path, limit: int = 2048, lines: int = 5) -> str:
+    """The last lines of a process's log, for an error message: its end only, never a link
+    followed, every character outside printable ASCII escaped (the text is the tenant's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, limit, max(0, size - limit))
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    text = data.decode("utf-8", "replace").strip().splitlines()[-lines:]
+    return " | ".join(printable(line) for line in text)
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """``text`` cut to ``limit`` characters with anything but printable ASCII escaped, so text
+    from a cluster process cannot forge a line of a log or a terminal's control sequences."""
+    escaped = text[:limit].encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
+
+
+def parse_report(line: bytes) -> dict[str, Any]:
+    """A ready report: a JSON object, or LaunchError."""
+    try:
+        report = json.loads(line)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        raise LaunchError(f"process sent an invalid ready report: {printable(repr(line[:100]))}")
+    return report
+
+
+async def _read_line(fd: int, limit: int = MAX_REPORT) -> bytes:
+    """Read one line from a pipe without blocking the loop; b'' if it closed first or sent
+    more than ``limit`` bytes without one."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     buf = bytearray()
@@ -37,11 +73,13 @@ async def _read_line(fd: int) -> bytes:
 
     def readable() -> None:
         try:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, limit + 1)
         except BlockingIOError:
             return
+        except OSError:
+            chunk = b""
         buf.extend(chunk)
-        if not chunk or (b"\n" in buf and not done.done()):
+        if (not chunk or b"\n" in buf or len(buf) > limit) and not done.done():
             done.set_result(None)
 
     loop.add_reader(fd, readable)
@@ -49,7 +87,8 @@ async def _read_line(fd: int) -> bytes:
         await done
     finally:
         loop.remove_reader(fd)
-    return bytes(buf.split(b"\n", 1)[0]) if b"\n" in buf else b""
+    line, newline, _ = bytes(buf).partition(b"\n")
+    return line if newline and len(line) <= limit else b""
 
 
 class ProcessLauncher:
@@ -70,7 +109,7 @@ class ProcessLauncher:
         argv = [self.python, "-m", "clusters.runner", role, f"env:{OPTIONS_VAR}", str(READY_FD)]
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+            (os.POSIX_SPAWN_OPEN, 1, str(log), LOG_FLAGS, 0o600),
             (os.POSIX_SPAWN_DUP2, 1, 2),
             (os.POSIX_SPAWN_DUP2, write_fd, READY_FD),
         ]
@@ -99,7 +138,11 @@ class ProcessLauncher:
             )
             if line_task in done and line_task.result():
                 exit_task.cancel()
-                return ref, json.loads(line_task.result())
+                try:
+                    return ref, parse_report(line_task.result())
+                except LaunchError:
+                    await terminate(ref, grace=2)
+                    raise
             line_task.cancel()
             if line_task in done and exit_task not in done:
                 # The pipe closed without a report: the process is on its way out.

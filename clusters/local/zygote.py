@@ -8,12 +8,12 @@ write end and a memfd holding the JSON request (role, options, env, log path). T
 forks without reading the request, and the child reads it and becomes the cluster process:
 
 * it leads its own session (``setsid``), so it is signalled as a group and outlives the service;
-* ``os.environ`` is replaced by exactly the environment it was given and Dask's config is
-  collected again from it;
+* ``os.environ`` is replaced by exactly the environment the service gave it;
 * stdin is /dev/null, stdout and stderr go to the log file, every other inherited fd is closed;
 * it runs :func:`clusters.runner.run`, the code a spawned ``python -m clusters.runner`` runs:
-  it confines itself when asked (:mod:`clusters.sandbox`), then serves, and reports readiness
-  as one JSON line on the ready fd.
+  it confines itself when asked (:mod:`clusters.sandbox`), only then takes the tenant's
+  environment and collects Dask's config again from it, serves, and reports readiness as one
+  JSON line on the ready fd.
 
 The zygote itself never runs a cluster, so no state passes from one cluster to the next; its
 children are reaped by the kernel (SIGCHLD ignored). It exits when the service's end of the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import importlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -36,46 +35,17 @@ from typing import Any
 
 import dask.config
 
+from clusters.local.spawn import LOG_FLAGS
 from clusters.runner import run
 
 CONTROL_FD = 3
 READY_FD = 3
 
 
-def _logging_settings() -> tuple[Any, ...]:
-    keys = ("logging", "logging-file-config", "distributed.logging", "distributed.admin.log-format")
-    return tuple(dask.config.get(key, None) for key in keys)
-
-
-def _reset_logging() -> None:
-    """Configure logging again as ``import distributed`` does, from the config now in force."""
-    distributed_config = importlib.import_module("distributed.config")  # the package's .config is a dict
-    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-        if isinstance(logger, logging.Logger):
-            logger.handlers.clear()
-            logger.setLevel(logging.NOTSET if logger.name != "root" else logging.WARNING)
-            logger.propagate = True
-    distributed_config.initialize_logging(dask.config.config)
-
-
-def _reload_dask_config() -> None:
-    """Collect Dask's config again from the files and DASK_* variables of the new environment."""
-    logging_before = _logging_settings()
-    get_paths = getattr(dask.config, "_get_paths", None)
-    paths = get_paths() if get_paths is not None else list(dask.config.paths)
-    dask.config.paths = paths
-    dask.config.PATH = os.environ.get(
-        "DASK_CONFIG", os.path.join(os.path.expanduser("~"), ".config", "dask")
-    )
-    dask.config.refresh(paths=paths)
-    if _logging_settings() != logging_before:
-        _reset_logging()
-
-
 def _preload() -> None:
     """Import what a scheduler or worker would otherwise import lazily on its first start."""
     names = [
-        "distributed", "clusters.plugin", "psutil", "tornado.ioloop",  # what clusters.runner uses
+        "distributed", "clusters.plugin", "clusters.daskconfig", "psutil", "tornado.ioloop",  # runner
         *dask.config.get("distributed.scheduler.http.routes", []),
         *dask.config.get("distributed.worker.http.routes", []),
         "distributed.diagnostics.websocket", "distributed.http.proxy", "distributed.http.statics",
@@ -118,7 +88,7 @@ def _become_cluster_process(ready: int, payload: int, synced: int) -> int:
         signal.signal(sig, signal.SIG_DFL)
 
     devnull = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.open(request["log"], LOG_FLAGS, 0o600)
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -128,7 +98,6 @@ def _become_cluster_process(ready: int, payload: int, synced: int) -> int:
     os.environ.clear()
     os.environ.update(request["env"])
     tempfile.tempdir = None  # found again from TMPDIR and friends of the new environment
-    _reload_dask_config()
     _fresh_randomness()
     gc.unfreeze()
     return run(request["role"], request["options"], READY_FD)

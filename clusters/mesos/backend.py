@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import re
 import secrets
 import socket
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clusters.base import (
+    REAP_REASONS,
     REAPED,
     Backend,
     BackendEvents,
@@ -40,7 +42,7 @@ from clusters.mesos.tasks import (
     mesos_mem,
     task_info,
 )
-from clusters.runner import protocol_for, scheduler_options, worker_options
+from clusters.runner import scheduler_options, worker_options
 
 logger = logging.getLogger("provisioner.mesos")
 
@@ -63,6 +65,13 @@ def describe(status: dict[str, Any]) -> str:
     if status.get("message"):
         text += f": {status['message']}"
     return text
+
+
+def reaped_reason(status: dict[str, Any]) -> str | None:
+    """Why a scheduler task reaped itself, read from the exit status its executor reports
+    (``clusters.base.REAP_EXIT_CODES``); None for any other end."""
+    found = re.fullmatch(r"Command exited with status (\d{1,3})", str(status.get("message", "")))
+    return REAP_REASONS.get(int(found.group(1))) if found else None
 
 
 @dataclass
@@ -461,8 +470,9 @@ class MesosBackend(Backend):
             cluster.touch()
             return
         reason = describe(status)
-        if ref is cluster.scheduler and state == "TASK_FINISHED" and task_id not in cluster.stopping:
-            reason = REAPED + "idle"  # only a scheduler that reaped itself exits cleanly
+        reaped = reaped_reason(status)
+        if ref is cluster.scheduler and reaped and task_id not in cluster.stopping:
+            reason = REAPED + reaped
         ref.state = state
         self._tasks.pop(task_id, None)
         wanted_end = task_id in cluster.stopping or cluster.stopped
@@ -642,9 +652,7 @@ class MesosBackend(Backend):
                         "mesos: %s; launching the scheduler again", exc)
         finally:
             cluster.launching = False
-        protocol = protocol_for(spec.credentials)
-        dashboard = f"http://{ref.host}:{ref.dashboard_port}/status" if ref.dashboard_port else None
-        return SchedulerEndpoint(f"{protocol}{ref.host}:{ref.port}", dashboard)
+        return SchedulerEndpoint.of(ref.host, ref.port, ref.dashboard_port, bool(spec.credentials))
 
     async def _run_scheduler(self, cluster: _Cluster, spec: ClusterSpec) -> TaskRef:
         """Launch one scheduler task; return once it runs and accepts connections."""
@@ -664,7 +672,7 @@ class MesosBackend(Backend):
             task_id=task_id, cluster_id=spec.cluster_id, tenant=spec.tenant, kind="scheduler",
             role=spec.role, cpus=mesos_cpus(spec.scheduler_cores),
             mem=mesos_mem(spec.scheduler_memory), options=scheduler_options(spec),
-            env=dict(spec.env), image=spec.image, ports=2,  # Dask's port and the dashboard's
+            env=dict(spec.env), image=spec.image, ports=2,  # Dask's port and the HTTP server's
         ))
         await self._save(spec.cluster_id)
         try:
