@@ -343,7 +343,10 @@ class CgroupsV1(Cgroups):
         _write(self.where("pids", parts) / "pids.max", "max" if limits.pids is None else str(limits.pids))
 
     def oom_kills(self, path: Sequence[str] = ()) -> int:
-        return _keyed(self.where("memory", path) / "memory.oom_control", "oom_kill") or 0
+        """Summed over the subtree: v1 counts a kill in the victim's own cgroup only (v2 counts
+        it up the tree), so the kills in a removed child are forgotten."""
+        return sum(_keyed(cgroup / "memory.oom_control", "oom_kill") or 0
+                   for cgroup in _tree(self.where("memory", path)))
 
     def _kill_round(self, parts: tuple[str, ...], deadline: float) -> None:
         """Freeze the subtree (v1 freezing is hierarchical), kill what is in it, thaw. Frozen
@@ -386,6 +389,7 @@ class CgroupsV2(Cgroups):
         return [self.base.joinpath(*self.root, *parts)]
 
     def where(self, controller: str, path: Sequence[str] = ()) -> Path:
+        """One hierarchy: the same directory for every controller."""
         return self.base.joinpath(*self.root, *_parts(path))
 
     def create(self, path: Sequence[str], limits: Limits | None = None) -> None:
@@ -540,7 +544,10 @@ def _v1_problem(bases: Mapping[str, Path]) -> str | None:
 
 def _choose() -> tuple[Callable[[str], Cgroups] | None, str | None]:
     """How to make the service's Cgroups here, or why it cannot be done."""
-    found = hierarchies()
+    try:
+        found = hierarchies()
+    except OSError as e:
+        return None, f"cannot read this process's mounts and cgroups in /proc: {e.strerror}"
     v2_problem = _v2_problem(found.v2)
     if v2_problem is None and found.v2 is not None:
         base = found.v2
