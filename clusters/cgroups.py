@@ -12,10 +12,14 @@ container or systemd unit around the service still hold around its clusters::
 
     <the service's cgroup>/<root, e.g. dask-provisioner/owner>/<cluster id>/<process>
 
-Processes belong in leaves only (cgroup v2 allows no processes in a cgroup whose children have
-controllers). :func:`detect` picks the kernel's interface: cgroup v2 when its memory, pids and
-cpu controllers can be used below the service's cgroup, else cgroup v1 with the memory, pids,
-cpu and freezer controllers mounted and writable; :func:`why_not` says why neither works.
+Processes belong in leaves only: cgroup v2 lets no process live in a cgroup whose children
+have controllers. That holds for the service's own cgroup too (a systemd unit's, which should
+then have ``Delegate=yes``, or a container's): on v2, when processes live in it, :func:`detect`
+moves them all into its child ``service`` (:data:`SERVICE_LEAF`), beside the tree.
+
+:func:`detect` picks the kernel's interface: cgroup v2 when its memory, pids and cpu controllers
+can be used below the service's cgroup, else cgroup v1 with the memory, pids, cpu and freezer
+controllers mounted and writable; :func:`why_not` says why neither works.
 
 Everything here is blocking file I/O on cgroupfs (callers run it in threads), and
 :meth:`Cgroups.join` is plain ``os.open``/``os.write`` so a freshly forked child may call it.
@@ -40,6 +44,7 @@ V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 CFS_PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000  # the kernel refuses smaller CFS quotas
+SERVICE_LEAF = "service"  # v2: where the service's own processes go, beside its tree
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _V1_FILES = frozenset({"tasks", "notify_on_release", "release_agent"})  # no dot, like a name
@@ -146,11 +151,15 @@ def _subdirs(path: Path) -> list[Path]:
 
 def _tree(top: Path) -> list[Path]:
     """``top`` and every cgroup below it, each after its children (so rmdir can go in order)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(top).st_mode):
+            return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []
     found: list[Path] = []
     for sub in _subdirs(top):
         found.extend(_tree(sub))
-    if top.is_dir():
-        found.append(top)
+    found.append(top)
     return found
 
 
@@ -180,6 +189,8 @@ class Cgroups(abc.ABC):
 
     def __init__(self, root: str) -> None:
         self.root = _parts(root.split("/"))
+        if self.root[0] == SERVICE_LEAF:
+            raise ValueError(f"a root may not start with {SERVICE_LEAF!r}: the service's own processes go there")
 
     @abc.abstractmethod
     def _dirs(self, parts: tuple[str, ...]) -> list[Path]:
@@ -209,7 +220,8 @@ class Cgroups(abc.ABC):
         """Move ``pid`` (0: the caller) into the cgroup in every hierarchy used.
 
         Only os.open/os.write on precomputed paths: safe in a freshly forked, single-threaded
-        child, which must still be root (or own the cgroup) when it calls this.
+        child, which must still be root (or own the cgroup) when it calls this. A CgroupError
+        may leave the process in some hierarchies only: a child should then exit.
         """
         for directory in self._dirs(_parts(path)):
             _write(directory / "cgroup.procs", str(pid))
@@ -231,7 +243,11 @@ class Cgroups(abc.ABC):
 
     def kill(self, path: Sequence[str] = (), timeout: float = 5.0) -> None:
         """SIGKILL every process in the cgroup and below it, forks that race the kill included,
-        and return once it is empty; CgroupError if it is not within ``timeout`` seconds."""
+        and return once it is empty; CgroupError if it is not within ``timeout`` seconds.
+
+        Killed processes stay zombies until their parents (or init, for orphans) reap them:
+        they are no longer in cgroup.procs, but v1 still counts them in pids.current.
+        """
         parts = _parts(path)
         deadline = time.monotonic() + timeout
         if os.getpid() in self._pids(parts):
@@ -525,11 +541,35 @@ def _v2_problem(base: Path | None) -> str | None:
     if not os.access(base / "cgroup.subtree_control", os.W_OK) or not os.access(base, os.W_OK):
         return f"{base} is not writable by this process"
     try:
-        enable_controllers(base)
+        try:
+            enable_controllers(base)
+        except CgroupError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            evict(base)  # processes live in it: v2 passes controllers on only from an empty cgroup
+            enable_controllers(base)
     except CgroupError as e:
-        hint = " (processes live in it: run the service in a leaf cgroup of its own)" if e.errno == errno.EBUSY else ""
-        return f"cannot enable {', '.join(V2_CONTROLLERS)} below {base}: {e.strerror}{hint}"
+        return f"cannot enable {', '.join(V2_CONTROLLERS)} below {base}: {e}"
     return None
+
+
+def evict(base: Path, timeout: float = 5.0) -> Path:
+    """Move every process of cgroup v2 ``base`` into its child :data:`SERVICE_LEAF` (made if
+    need be), and return that child: a cgroup may pass controllers on to its children only once
+    no process lives in it. Repeated while processes fork into ``base`` meanwhile."""
+    leaf = base / SERVICE_LEAF
+    _mkdir(leaf)
+    deadline = time.monotonic() + timeout
+    while pids := _procs(base):
+        if time.monotonic() > deadline:
+            raise CgroupError(errno.EBUSY, f"processes keep appearing in {base}: {sorted(pids)}")
+        for pid in pids:
+            try:
+                _write(leaf / "cgroup.procs", str(pid))
+            except CgroupError as e:
+                if e.errno != errno.ESRCH:  # gone meanwhile: fine
+                    raise
+    return leaf
 
 
 def _v1_problem(bases: Mapping[str, Path]) -> str | None:
@@ -563,8 +603,9 @@ def detect(root: str) -> Cgroups | None:
     """The cgroups this machine can give the service, with its tree at ``root``; None if none.
 
     cgroup v2 is chosen when memory, pids and cpu can be enabled below the service's own
-    cgroup (this enables them there: the tree needs them anyway); else cgroup v1 when memory,
-    pids, cpu and freezer are mounted and writable.
+    cgroup: this enables them there (the tree needs them anyway), first moving the processes
+    that live in it to :data:`SERVICE_LEAF` (see :func:`evict`) if the kernel refuses for them.
+    Else cgroup v1, when memory, pids, cpu and freezer are mounted and writable.
     """
     _parts(root.split("/"))
     make, _ = _choose()
@@ -572,5 +613,6 @@ def detect(root: str) -> Cgroups | None:
 
 
 def why_not() -> str | None:
-    """None when :func:`detect` would succeed, else one line saying why not, for a loud warning."""
+    """None when :func:`detect` would succeed, else one line saying why not, for a loud warning.
+    It probes as :func:`detect` does, so on v2 it may make the same changes."""
     return _choose()[1]

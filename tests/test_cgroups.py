@@ -4,7 +4,8 @@ Needs root and the layout of the development machines: cgroup v1 controllers (me
 cpu, freezer) mounted apart, and beside them a cgroup v2 hierarchy that has no controllers,
 because v1 holds them all. So the limits are tested on v1 only. CgroupsV2 is tested on that
 empty v2 hierarchy for everything that needs no controller: creating, joining, listing,
-killing (cgroup.kill, and cgroup.freeze as kernels before 5.14 must) and removing. Its limits
+killing (cgroup.kill, and cgroup.freeze as kernels before 5.14 must), removing, and moving
+the processes out of a cgroup that must pass controllers on (evict). Its limits
 (memory.max, memory.swap.max, cpu.max, pids.max, and enabling the controllers in
 cgroup.subtree_control) cannot be exercised on this machine: only the values it would write
 and its refusal to limit without the controllers are checked here.
@@ -493,6 +494,38 @@ def test_v2_refuses_limits_its_controllers_cannot_hold() -> None:
                 cg.create(("c-1", "worker-x"), limits)
     finally:
         cg.remove(())
+
+
+def test_evict_empties_a_v2_cgroup_into_its_service_leaf(forks: Forks, pipe: Pipe) -> None:
+    """What detect() does on v2 when processes live in the service's own cgroup (a systemd
+    unit's, a container's), so that it may pass controllers on; here on a stand-in for it."""
+    with _tree("v2") as cg:
+        cg.create(("unit",))
+        unit = cg.where("memory", ("unit",))
+
+        def child(body: Callable[[], None]) -> None:
+            cg.join(("unit",))
+            pipe.send("in\n")
+            body()
+
+        def spawner() -> None:  # keeps forking into the cgroup being emptied
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+            while True:
+                if os.fork() == 0:
+                    time.sleep(0.01)
+                    os._exit(0)
+                time.sleep(0.001)
+
+        sleepers = {forks(partial(child, _sleep_forever)) for _ in range(2)}
+        forks(partial(child, spawner))
+        assert [pipe.line() for _ in range(3)] == ["in"] * 3
+        leaf = cgroups.evict(unit)
+        assert leaf == unit / cgroups.SERVICE_LEAF
+        assert (unit / "cgroup.procs").read_text() == ""
+        assert sleepers <= cg.pids(("unit", cgroups.SERVICE_LEAF))
+        assert cgroups.evict(unit) == leaf  # again: nothing to move, fine
+        with pytest.raises(ValueError):
+            CgroupsV2(f"{cgroups.SERVICE_LEAF}/x", unit)
 
 
 # --- v1: the limits hold ---------------------------------------------------------------------
