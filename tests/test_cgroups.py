@@ -457,9 +457,11 @@ def test_a_kill_that_cannot_empty_the_cgroup_fails_and_leaves_it_thawed(
             assert _read(cg, "freezer", ("c-1",), "freezer.state") == "THAWED"
         else:
             assert _read(cg, "memory", ("c-1",), "cgroup.freeze") == "0"
+            assert _read(cg, "memory", ("c-1",), "cgroup.events").endswith("frozen 0")
+        while select.select([pipe.r], [], [], 0)[0]:  # what it wrote before: not proof
+            os.read(pipe.r, 65536)
         pipe.buffer = b""
-        pipe.line()  # it runs on
-        assert pipe.line() == "."
+        assert pipe.line() == "."  # it runs on
 
 
 def test_remove_leaves_no_directory_behind(cg: Cgroups, forks: Forks, pipe: Pipe) -> None:
