@@ -233,7 +233,8 @@ def test_a_path_must_be_a_sequence_of_names_not_a_string() -> None:
     cg = _make("v1")
     with pytest.raises(ValueError):
         cg.create("c-1")  # would otherwise be ("c", "-", "1")
-    assert [cgroups.check_name(n) for n in ("c-1a2b", "worker-x", "w.1_A", "x" * 64)]
+    good = ["c-1a2b", "worker-x", "w.1_A", "x" * 64]
+    assert [cgroups.check_name(n) for n in good] == good
 
 
 @pytest.mark.parametrize("bad", [{"memory": 0}, {"memory": True}, {"memory": 1.5}, {"pids": 0},
@@ -251,6 +252,7 @@ def test_v2_settings_are_what_cgroup_v2_expects() -> None:
     assert cgroups.v2_settings(Limits(cpus=0.001)) == [
         ("memory.max", "max", False), ("memory.swap.max", "max", False),
         ("cpu.max", "1000 100000", True), ("pids.max", "max", False)]
+
 
 PURE_V2 = """\
 24 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
