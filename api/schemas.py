@@ -6,27 +6,19 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from clusters.runtime_env import check_env
 from provisioner.models import ClusterRecord
 from provisioner.sizes import MAX_SECONDS, parse_bytes, parse_seconds
 
 MAX_WORKERS = 10_000
 MAX_CORES = 1024.0
+MIN_CORES = 0.01
 MAX_ENV = 64
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1, le=2**50)]
 Seconds = Annotated[float, BeforeValidator(parse_seconds), Field(gt=0, le=MAX_SECONDS)]
 WorkerCount = Annotated[int, Field(ge=0, le=MAX_WORKERS)]
 PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
-RESERVED_ENV_PREFIXES = ("DASK_PROVISIONER_", "MESOS_")
-#: Variables the dynamic loader or the interpreter act on before a cluster process has
-#: confined itself (code to load, paths to import from); refused in a request's env.
-LOADER_ENV_PREFIXES = ("LD_", "PYTHON")
-SAFE_PYTHON_ENV = frozenset({"PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONWARNINGS",
-                             "PYTHONFAULTHANDLER", "PYTHONDONTWRITEBYTECODE",
-                             "PYTHONIOENCODING", "PYTHONUTF8"})
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,7 +33,9 @@ class ClusterCreate(Strict):
 
     project: str = Field(default="default", pattern=PROJECT_PATTERN)
     workers: WorkerCount | None = None
-    worker_cores: float | None = Field(default=None, gt=0, le=MAX_CORES, allow_inf_nan=False)
+    #: A worker gets this much CPU time (its cgroup's quota) on whole threads; the kernel
+    #: gives no less than a hundredth of a core.
+    worker_cores: float | None = Field(default=None, ge=MIN_CORES, le=MAX_CORES, allow_inf_nan=False)
     worker_memory: Bytes | None = None
     adaptive: AdaptiveSpec | None = None
     idle_timeout: Seconds | None = None
@@ -54,19 +48,7 @@ class ClusterCreate(Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        import re
-
-        for name, value in env.items():
-            if not re.fullmatch(ENV_NAME_PATTERN, name):
-                raise ValueError(f"{name!r} is not a valid environment variable name")
-            if name.startswith(RESERVED_ENV_PREFIXES):
-                raise ValueError(f"{name!r} uses a reserved prefix")
-            if name.startswith(LOADER_ENV_PREFIXES) and name not in SAFE_PYTHON_ENV:
-                raise ValueError(f"{name!r} would act before the cluster process is confined; "
-                                 "ship code in the image or install it instead")
-            if "\0" in value:
-                raise ValueError(f"value of {name!r} contains a NUL byte")
-        return env
+        return check_env(env)
 
 
 class ScaleRequest(Strict):

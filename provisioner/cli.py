@@ -71,7 +71,8 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
         from clusters.local import LocalBackend
 
         sandbox = {"auto": None, "on": True, "off": False}[settings.local_sandbox]
-        backend = LocalBackend(settings.data_dir, host=settings.cluster_host, sandbox=sandbox)
+        backend = LocalBackend(settings.data_dir, host=settings.cluster_host, sandbox=sandbox,
+                               hidden=settings.private_files(), uid_base=settings.local_uid_base)
     store = Store(settings.state_url)
     store.check()
     return Provisioner(settings, TenantDirectory(tenants), store, backend), token

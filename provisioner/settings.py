@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 
 class Settings(BaseSettings):
@@ -33,9 +34,12 @@ class Settings(BaseSettings):
     metrics_token: str | None = None
     #: Address schedulers and workers listen on (local backend).
     cluster_host: str = "127.0.0.1"
-    #: Confine local cluster processes with Landlock (clusters.sandbox): "auto" does when
-    #: the kernel can and warns when it cannot; "on" refuses to start without it.
+    #: Confine local cluster processes (clusters.sandbox: cgroup, private root, own user,
+    #: Landlock): "auto" applies what the machine can and warns for the rest; "on" refuses
+    #: to start without every layer.
     local_sandbox: Literal["auto", "on", "off"] = "auto"
+    #: Tenants' local cluster processes run as uids above this one, one per tenant.
+    local_uid_base: int = Field(default=1_700_000_000, ge=1000, le=2**31 - 2**20)
     #: Seconds a scheduler may take to come up before the cluster is failed.
     start_timeout: float = Field(default=120, gt=0)
     #: Seconds a scale-down must stay wanted before adaptive workers are retired.
@@ -47,6 +51,17 @@ class Settings(BaseSettings):
     orphan_lease: float = Field(default=600, ge=0)
     #: Seconds the scheduler plugin holds a long-poll open when nothing changes.
     report_timeout: float = Field(default=15, gt=0)
+
+    def private_files(self) -> list[Path]:
+        """The service's files that cluster processes must never see, besides its data folder:
+        its tenants file and, on SQLite, its state file and the journals beside it."""
+        files = [self.tenants] if self.tenants else []
+        url = make_url(self.state_url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            database = Path(url.database)
+            files += [database, *(database.with_name(database.name + suffix)
+                                  for suffix in ("-wal", "-shm", "-journal"))]
+        return files
 
     @property
     def state_url(self) -> str:

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from clusters.runtime_env import check_env
 from provisioner.sizes import parse_bytes, parse_seconds
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
@@ -52,9 +53,9 @@ class Defaults(BaseModel):
     """What a cluster gets when the request leaves a field out, and the bounds of timeouts."""
 
     model_config = ConfigDict(extra="forbid")
-    worker_cores: float = Field(default=1, gt=0)
+    worker_cores: float = Field(default=1, ge=0.01)
     worker_memory: Bytes = 2 * 2**30
-    scheduler_cores: float = Field(default=1, gt=0)
+    scheduler_cores: float = Field(default=1, ge=0.01)
     scheduler_memory: Bytes = 2**30
     idle_timeout: Seconds = 1800
     no_client_timeout: Seconds = 600
@@ -90,6 +91,11 @@ class Tenant(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("token_sha256"), str):
             data = {**data, "token_sha256": [data["token_sha256"]]}
         return data
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        return check_env(env)
 
     @field_validator("token_sha256")
     @classmethod

@@ -1,4 +1,6 @@
-"""Tenants cannot reach each other: per-cluster TLS, and no leak of the service's environment."""
+"""Tenants cannot reach each other: per-cluster TLS, and no leak of the service's environment.
+
+What tenant code can do from inside its own processes is tests/test_hostile_tenant.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from distributed import Client
 from distributed.security import Security
 from sqlalchemy.engine import make_url
 
-from clusters import sandbox
 from tests.conftest import SERVICE_SECRET
 from tests.intrusion import client_refused, tls_without_client_certificate_refused, worker_cannot_join
 from tests.service import ServiceProcess
@@ -63,64 +64,6 @@ def test_processes_get_the_tenants_environment_only(
         assert str(service.data_dir / "provisioner.db") not in values
         assert service.state not in values
         assert state.database and state.database not in values
-
-
-def _probe(secrets: list[str], processes: list[int], setuid_to: int) -> dict[str, str]:
-    """Run inside a cluster process: what of the machine can tenant code get at?"""
-    import os
-    import tempfile
-
-    def outcome(action: Any) -> str:
-        try:
-            action()
-            return "allowed"
-        except PermissionError:
-            return "denied"
-        except OSError as exc:
-            return f"error {exc.errno}"
-
-    found = {f"read {p}": outcome(lambda p=p: open(p, "rb").read(1)) for p in secrets}
-    for pid in processes:
-        found[f"environ of {pid}"] = outcome(lambda pid=pid: open(f"/proc/{pid}/environ", "rb").read(1))
-        found[f"signal {pid}"] = outcome(lambda pid=pid: os.kill(pid, 0))
-    found["setuid"] = outcome(lambda: os.setuid(setuid_to))
-    home = os.environ["HOME"]
-    found["own folder"] = outcome(lambda: open(os.path.join(home, "probe"), "w").write("x"))
-    found["temp is own folder"] = "yes" if tempfile.gettempdir() == home else tempfile.gettempdir()
-    return found
-
-
-def test_tenant_code_is_confined_to_its_own_cluster(
-    service: ServiceProcess, two_clusters: tuple[dict[str, Any], dict[str, Any]]
-) -> None:
-    """Tasks (and scheduler-side code) of alpha cannot read the service's state or beta's
-    files, nor look into or signal the service or beta's processes; they can use their own
-    folder. Where the kernel has no Landlock, the service says so loudly instead."""
-    ca, cb = two_clusters
-    assert service.proc is not None
-    beta_pids = [p.pid for p in service.processes_of(cb["id"])]
-    secrets = [str(service.data_dir / "logs" / cb["id"] / "scheduler.log")]
-    if service.state.startswith("sqlite"):
-        secrets.append(str(make_url(service.state).database))
-    for path in secrets:
-        assert Path(path).exists(), path  # the probe would be meaningless otherwise
-    args = (secrets, [service.proc.pid, *beta_pids], 12345)
-    with Client(ca["scheduler_address"], security=service.security("alpha", ca["id"]),
-                timeout=30) as client:
-        client.wait_for_workers(1, timeout=60)
-        on_worker = client.submit(_probe, *args, pure=False).result(timeout=60)
-        on_scheduler = client.run_on_scheduler(_probe, *args)
-    if sandbox.support() is not None:
-        assert "cluster processes run unconfined" in service.log.read_text()
-        return
-    # Landlock scopes signals from ABI 6 on; before that a process of the same user may still
-    # signal one outside its domain (everything else holds from ABI 1).
-    signals = "denied" if sandbox.landlock_abi() >= 6 else "allowed"
-    for found in (on_worker, on_scheduler):
-        assert found.pop("own folder") == "allowed" and found.pop("temp is own folder") == "yes"
-        expected = {k: signals if k.startswith("signal ") else "denied" for k in found}
-        assert found == expected
-        assert len(found) == len(secrets) + 2 * len(args[1]) + 1, found
 
 
 def test_no_credentials_or_another_clusters_credentials_cannot_connect(

@@ -32,6 +32,7 @@ from clusters.base import (
     LaunchError,
     SchedulerEndpoint,
 )
+from clusters.local.confinement import Confinement
 from clusters.local.forkserver import default_launcher
 from clusters.local.procs import (
     OWNER_VAR,
@@ -44,7 +45,6 @@ from clusters.local.procs import (
     wait_exit,
 )
 from clusters.runner import scheduler_options, worker_options
-from clusters.sandbox import support as sandbox_support
 
 logger = logging.getLogger("provisioner.local")
 
@@ -84,13 +84,17 @@ class LocalBackend(Backend):
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1",
                  launcher: Launcher | None = None, worker_death_timeout: float = 60,
-                 sandbox: bool | None = None) -> None:
-        """``sandbox``: confine cluster processes; None: when the kernel can (warn if not)."""
+                 sandbox: bool | None = None, hidden: Sequence[Path] = (),
+                 uid_base: int = 1_700_000_000) -> None:
+        """``sandbox``: confine cluster processes (True: every layer or refuse to start; None:
+        what the machine can, warning for the rest). ``hidden``: the service's files outside
+        its data folder that cluster processes must not see (state file, tenants file)."""
         self.data_dir = Path(data_dir).resolve()
         self.host = host
-        self.sandbox = sandbox
         self.worker_death_timeout = worker_death_timeout
         self.owner = owner_key(self.data_dir)
+        self.confinement = Confinement(self.data_dir, self.owner, sandbox,
+                                       [Path(p).resolve() for p in hidden], uid_base)
         self.launcher: Launcher = launcher or default_launcher(self.owner, self.data_dir / "forkserver")
         self._clusters: dict[str, _Cluster] = {}
         self._events: BackendEvents | None = None
@@ -110,7 +114,8 @@ class LocalBackend(Backend):
         """What a cluster process starts with: a few host basics and our marker. The tenant's
         variables come in its options and are set only once it has confined itself."""
         env = host_basics()
-        env["HOME"] = env["TMPDIR"] = str(self._cluster(spec.cluster_id).directory)
+        env["HOME"] = env["TMPDIR"] = self.confinement.home(self._cluster(spec.cluster_id).directory)
+        env["USER"] = env["LOGNAME"] = "dask"
         if worker:
             env.update(WORKER_ENV)
         env[OWNER_VAR] = f"{self.owner}:{spec.cluster_id}"
@@ -146,30 +151,32 @@ class LocalBackend(Backend):
                 return
             del cluster.workers[name]
             await self._save(cluster_id)
+            oom = await asyncio.to_thread(self.confinement.oom_killed, cluster_id, name)
+            await self.confinement.end_async(cluster_id, name)  # what it left behind goes too
             if name not in cluster.stopping:
-                await self._events.worker_lost(cluster_id, name, f"worker {exit_reason(code)}")
+                why = "killed by the kernel for using more memory than its limit" if oom \
+                    else exit_reason(code)
+                await self._events.worker_lost(cluster_id, name, f"worker {why}")
             cluster.stopping.discard(name)
 
     # -- Backend ---------------------------------------------------------------------------
 
-    def _confinement(self, cluster: _Cluster) -> dict[str, Any]:
-        """The runner option that confines a process to its own cluster's folder."""
-        if not self.sandbox:
-            return {}
-        return {"sandbox": {"hidden": str(self.data_dir), "writable": [str(cluster.directory)]}}
+    async def _options(self, spec: ClusterSpec, cluster: _Cluster, process: str,
+                       memory: int, cores: float) -> dict[str, Any]:
+        """The options every process gets from us: the tenant's env (applied once confined)
+        and the plan by which it confines itself, its cgroup made meanwhile."""
+        known = set(self.confinement.uids)
+        plan = await asyncio.to_thread(self.confinement.plan, spec.cluster_id, process,
+                                       cluster.directory, spec.tenant, memory, cores)
+        if set(self.confinement.uids) != known and self._events is not None:
+            await self._events.save_backend_state(self.confinement.state())
+        return {"host": self.host, "env": dict(spec.env), "sandbox": plan}
 
     async def open(self, events: BackendEvents) -> None:
         self._events = events
         (self.data_dir / "clusters").mkdir(parents=True, exist_ok=True)
-        why_not = sandbox_support()
-        if self.sandbox and why_not:
-            raise LaunchError(f"cluster processes cannot be confined here: {why_not}")
-        if self.sandbox is None:
-            self.sandbox = why_not is None
-            if why_not:
-                logger.warning("WARNING: cluster processes run unconfined (%s): a tenant's "
-                               "code can read this service's data folder and signal other "
-                               "tenants' processes", why_not)
+        await asyncio.to_thread(self.confinement.choose)
+        self.confinement.load(await events.load_backend_state())
         start = getattr(self.launcher, "start", None)  # a fork server warms up meanwhile
         if start is not None:
             await start()
@@ -183,9 +190,9 @@ class LocalBackend(Backend):
         self._events = None
         await self.launcher.close()
 
-    def _prepare(self, cluster: _Cluster) -> None:
+    def _prepare(self, cluster: _Cluster, tenant: str) -> None:
         """Make the cluster's folders (blocking; run in a thread)."""
-        cluster.directory.mkdir(parents=True, exist_ok=True)
+        self.confinement.prepare(cluster.directory, tenant)
         cluster.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
@@ -193,10 +200,13 @@ class LocalBackend(Backend):
         cluster.stopping.discard("scheduler")
         if cluster.scheduler and is_alive(cluster.scheduler):
             await terminate(cluster.scheduler, grace=1)
-        await asyncio.to_thread(self._prepare, cluster)
+        await self.confinement.end_async(spec.cluster_id, "scheduler")
+        await asyncio.to_thread(self._prepare, cluster, spec.tenant)
         await asyncio.to_thread(_remove_entry, cluster.directory, REAPED_FILE)
-        options = scheduler_options(spec, str(cluster.directory), host=self.host, port=0,
-                                    env=dict(spec.env), **self._confinement(cluster))
+        options = scheduler_options(
+            spec, self.confinement.home(cluster.directory), port=0,
+            **await self._options(spec, cluster, "scheduler", spec.scheduler_memory,
+                                  spec.scheduler_cores))
         ref, info = await self.launcher.launch(
             "scheduler", options, self.environment(spec, worker=False),
             cluster.logs / "scheduler.log",
@@ -213,13 +223,13 @@ class LocalBackend(Backend):
 
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
         cluster = self._cluster(spec.cluster_id, spec)
-        await asyncio.to_thread(self._prepare, cluster)
+        await asyncio.to_thread(self._prepare, cluster, spec.tenant)
         env = self.environment(spec, worker=True)
 
         async def one(name: str) -> None:
-            options = worker_options(spec, address, name, self.worker_death_timeout,
-                                     host=self.host, env=dict(spec.env),
-                                     **self._confinement(cluster))
+            options = worker_options(
+                spec, address, name, self.worker_death_timeout,
+                **await self._options(spec, cluster, name, spec.worker_memory, spec.worker_cores))
             ref, _ = await self.launcher.launch(
                 "worker", options, env, cluster.logs / f"{name}.log", wait_ready=False
             )
@@ -243,6 +253,7 @@ class LocalBackend(Backend):
                 cluster.stopping.add(name)
                 refs.append(ref)
         await asyncio.gather(*(terminate(r) for r in refs))
+        await asyncio.gather(*(self.confinement.end_async(cluster_id, n) for n in names))
 
     async def stop_cluster(self, cluster_id: str) -> None:
         cluster = self._clusters.get(cluster_id)
@@ -254,6 +265,7 @@ class LocalBackend(Backend):
         await asyncio.gather(*(terminate(r, grace=3) for r in refs))
         if cluster.scheduler:
             await terminate(cluster.scheduler, grace=3)
+        await self.confinement.end_async(cluster_id)  # whatever escaped its process group
         for task in list(cluster.watchers):
             task.cancel()
         self._clusters.pop(cluster_id, None)
@@ -291,12 +303,28 @@ class LocalBackend(Backend):
                     known.add(wref.pid)
                     self._watch(spec.cluster_id, name, wref)
             await self._save(spec.cluster_id)
+        await asyncio.to_thread(self._end_unaccounted, result)
         strays = await asyncio.to_thread(self._find_ours, known)
         if strays:
             logger.warning("killing %d unrecognised cluster process(es): %s", len(strays),
                            [r.pid for r in strays])
         await asyncio.gather(*(terminate(r, grace=2) for r in strays))
         return result
+
+    def _end_unaccounted(self, outcome: dict[str, str | None]) -> None:
+        """Kill, by cgroup, every process of ours that no record accounts for: clusters with
+        no record or a dead scheduler, and processes a live cluster no longer knows."""
+        for cluster_id in self.confinement.clusters_with_cgroups():
+            cluster = self._clusters.get(cluster_id)
+            if cluster is None or outcome.get(cluster_id) is not None:
+                if self.confinement.pids_of(cluster_id):
+                    logger.warning("killing the processes of cluster %s: no live record", cluster_id)
+                self.confinement.end(cluster_id)
+                continue
+            known = {"scheduler", *cluster.workers}
+            for process in self.confinement.processes_of(cluster_id):
+                if process not in known:
+                    self.confinement.end(cluster_id, process)
 
     @staticmethod
     def _reaped_reason(cluster: _Cluster, code: int | None) -> str | None:
@@ -309,6 +337,9 @@ class LocalBackend(Backend):
         return REAPED + word if word else None
 
     def _find_ours(self, known: set[int]) -> list[ProcessRef]:
+        """Without cgroups, processes are known by the marker in their environment."""
+        if self.confinement.tree is not None:
+            return []
         return [r for r in owned_processes(self.owner) if r.pid not in known]
 
 
@@ -328,7 +359,8 @@ def read_word(folder: Path, name: str, allowed: set[str], limit: int = 32) -> st
     finally:
         os.close(folder_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return None
         word = os.read(fd, limit).strip().decode("ascii", "replace")
     except OSError:
@@ -363,7 +395,7 @@ def owned_processes(owner: str) -> list[ProcessRef]:
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                environ = f.read()
+                environ = f.read(1 << 20)  # a process may rewrite its own: bounded
         except OSError:
             continue
         if any(item.startswith(marker) for item in environ.split(b"\0")):

@@ -67,6 +67,10 @@ def describe(status: dict[str, Any]) -> str:
     return text
 
 
+#: A scheduler that reconciliation says ended, while recovery waits to learn how.
+UNCONFIRMED_END = "ENDED_UNCONFIRMED"
+
+
 def reaped_reason(status: dict[str, Any]) -> str | None:
     """Why a scheduler task reaped itself, read from the exit status its executor reports
     (``clusters.base.REAP_EXIT_CODES``); None for any other end."""
@@ -470,6 +474,14 @@ class MesosBackend(Backend):
             cluster.touch()
             return
         reason = describe(status)
+        if ref is cluster.scheduler and cluster.recovering and state == "TASK_FAILED" \
+                and status.get("reason") == "REASON_RECONCILIATION" and task_id not in cluster.stopping:
+            # Reconciliation keeps the state alone; how it ended (its exit status, which says
+            # whether it reaped itself) comes with the agent's own update, which the agent
+            # sends again until acknowledged: recovery waits a while for it.
+            ref.state = UNCONFIRMED_END
+            cluster.lost_reason = f"scheduler task {reason}"
+            return
         reaped = reaped_reason(status)
         if ref is cluster.scheduler and reaped and task_id not in cluster.stopping:
             reason = REAPED + reaped
@@ -616,7 +628,7 @@ class MesosBackend(Backend):
 
         deadline = time.monotonic() + self.recover_timeout
         while time.monotonic() < deadline:
-            if all(c.scheduler is None or c.scheduler.state != "RECOVERING"
+            if all(c.scheduler is None or c.scheduler.state not in ("RECOVERING", UNCONFIRMED_END)
                    for c in recovering):
                 break
             await asyncio.sleep(0.1)
@@ -624,6 +636,9 @@ class MesosBackend(Backend):
         for cluster in recovering:
             cid = cluster.spec.cluster_id
             cluster.recovering = False
+            if cluster.scheduler is not None and cluster.scheduler.state == UNCONFIRMED_END:
+                self._tasks.pop(cluster.scheduler.task_id, None)
+                cluster.scheduler = None
             if cluster.scheduler is None:
                 result[cid] = cluster.lost_reason or "no scheduler task"
             else:
