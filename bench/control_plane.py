@@ -53,6 +53,7 @@ def serve(port: int, data_dir: Path, tenants: Path) -> None:
 
     from api.app import create_app
     from bench.null_backend import NullBackend
+    from provisioner.secrets import Keyring, load_or_create_key
     from provisioner.service import Provisioner
     from provisioner.settings import Settings
     from provisioner.store import Store
@@ -61,7 +62,8 @@ def serve(port: int, data_dir: Path, tenants: Path) -> None:
     settings = Settings(port=port, data_dir=data_dir, tenants=tenants, tls=False)
     data_dir.mkdir(parents=True, exist_ok=True)
     provisioner = Provisioner(settings, TenantDirectory(load_tenants(tenants)),
-                              Store(settings.state_url), NullBackend())
+                              Store(settings.state_url, Keyring(load_or_create_key(settings))),
+                              NullBackend())
     uvicorn.run(create_app(provisioner), host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -6,7 +6,7 @@ commands work from the SDK's install alone (no FastAPI, SQLAlchemy or backends).
 
 from __future__ import annotations
 
-import os
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -28,33 +28,58 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _default_token(data_dir: Path) -> str:
-    """The embedded default tenant's token, kept in the data folder so it survives restarts."""
+#: Files in the data folder holding secrets the service made for itself (0600).
+DEFAULT_TOKEN_FILE = "default-token"
+
+
+def _new_token() -> str:
     from provisioner.tenants import new_token
 
-    path = data_dir / "default-token"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token, _ = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+    return new_token()[0]
+
+
+def _open_store(settings: Settings):  # type: ignore[no-untyped-def]
+    """The store, with the secret key checked against what the database holds.
+
+    A key file made just now (it was missing) that cannot open the credentials already
+    stored is removed again, and the error says the key is missing rather than wrong.
+    """
+    from provisioner.secrets import Keyring, WrongKey, key_source, load_or_create_key
+    from provisioner.store import Store
+
+    made_now = settings.secret_key is None and not settings.key_file.exists()
+    store = Store(settings.state_url, Keyring(load_or_create_key(settings), key_source(settings)))
+    store.check()
+    try:
+        sealed = store.seal_credentials()
+    except WrongKey as exc:
+        if not made_now:
+            raise
+        settings.key_file.unlink(missing_ok=True)
+        raise WrongKey(f"{exc}. The key file did not exist: restore it, or set "
+                       "PROVISIONER_SECRET_KEY to the key") from None
+    if sealed:
+        logging.getLogger("provisioner.cli").info(
+            "encrypted the credentials of %d cluster(s) stored in clear by an earlier release",
+            sealed)
+    return store
 
 
 def build(settings: Settings):  # type: ignore[no-untyped-def]
-    """Everything ``serve`` runs, assembled from settings (also used by tests)."""
+    """Everything ``serve`` runs, assembled from settings (also used by tests).
+
+    Returns the service and the default tenant's token (None with a tenants file).
+    """
     from clusters.base import Backend
+    from provisioner.files import keep_secret
     from provisioner.service import Provisioner
-    from provisioner.store import Store
     from provisioner.tenants import TenantDirectory, hash_token, load_tenants, machine_tenant
 
     token = None
     if settings.tenants is not None:
         tenants = load_tenants(settings.tenants)
     else:
-        token = _default_token(settings.data_dir)
+        token = keep_secret(settings.data_dir / DEFAULT_TOKEN_FILE, _new_token)
         tenants = [machine_tenant(hash_token(token))]
     backend: Backend
     if settings.backend == "mesos":
@@ -72,8 +97,7 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
 
         sandbox = {"auto": None, "on": True, "off": False}[settings.local_sandbox]
         backend = LocalBackend(settings.data_dir, host=settings.cluster_host, sandbox=sandbox)
-    store = Store(settings.state_url)
-    store.check()
+    store = _open_store(settings)
     return Provisioner(settings, TenantDirectory(tenants), store, backend), token
 
 
@@ -84,6 +108,8 @@ def serve(
     tenants: Annotated[Optional[Path], typer.Option(help="tenants YAML file")] = None,  # noqa: UP045
     state: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the state database")] = None,  # noqa: UP045
     data_dir: Annotated[Path, typer.Option(help="folder for the SQLite file and cluster logs")] = Path("data"),
+    secret_key_file: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="key file sealing credentials at rest (default DATA_DIR/secret.key)")] = None,
     backend: Annotated[str, typer.Option(help="local or mesos")] = "local",
     mesos_master: Annotated[Optional[str], typer.Option(help="HOST:PORT or zk://HOST:2181/mesos")] = None,  # noqa: UP045
     mesos_command: Annotated[Optional[str], typer.Option(help="command starting Dask on a Mesos agent")] = None,  # noqa: UP045
@@ -97,6 +123,7 @@ def serve(
         from pydantic import ValidationError
 
         from api.app import create_app
+        from provisioner.files import make_private, private_data_dir
         from provisioner.logs import configure as configure_logging
         from provisioner.settings import Settings
         from provisioner.store import StoreError
@@ -108,14 +135,19 @@ def serve(
     overrides = {
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
-        "keep_clusters": keep_clusters,
-        "tls": tls,
+        "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-        provisioner, token = build(settings)
     except ValidationError as exc:
         _fail("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    # Before anything is created: the data folder and everything in it is ours alone.
+    make_private()
+    try:
+        private_data_dir(settings.data_dir)
+        provisioner, token = build(settings)
+    except OSError as exc:
+        _fail(str(exc))
     except (TenantsFileError, StoreError, ValueError) as exc:
         _fail(str(exc))
     if not settings.tls:

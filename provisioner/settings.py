@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     tls: bool = True
     #: Bearer token that guards /metrics (tenant names and usage); open when unset.
     metrics_token: str | None = None
+    #: The key (a Fernet key) cluster credentials are encrypted with in the state database,
+    #: and other service keys are derived from. Unset: read from ``secret_key_file``.
+    secret_key: SecretStr | None = None
+    #: File holding the secret key; default <data_dir>/secret.key, made 0600 on first start.
+    secret_key_file: Path | None = None
     #: Address schedulers and workers listen on (local backend).
     cluster_host: str = "127.0.0.1"
     #: Confine local cluster processes with Landlock (clusters.sandbox): "auto" does when
@@ -47,6 +52,18 @@ class Settings(BaseSettings):
     orphan_lease: float = Field(default=600, ge=0)
     #: Seconds the scheduler plugin holds a long-poll open when nothing changes.
     report_timeout: float = Field(default=15, gt=0)
+
+    @field_validator("metrics_token", "secret_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """``PROVISIONER_SECRET_KEY=`` means "not given", never "an empty key"."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
 
     @property
     def state_url(self) -> str:
