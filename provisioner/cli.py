@@ -30,6 +30,7 @@ def _fail(message: str) -> NoReturn:
 
 #: Files in the data folder holding secrets the service made for itself (0600).
 DEFAULT_TOKEN_FILE = "default-token"
+METRICS_TOKEN_FILE = "metrics-token"
 
 
 def _new_token() -> str:
@@ -68,7 +69,9 @@ def _open_store(settings: Settings):  # type: ignore[no-untyped-def]
 def build(settings: Settings):  # type: ignore[no-untyped-def]
     """Everything ``serve`` runs, assembled from settings (also used by tests).
 
-    Returns the service and the default tenant's token (None with a tenants file).
+    Returns the service and the default tenant's token (None with a tenants file). The
+    service's settings carry the metrics token: the one given, or else the one kept in the
+    data folder (made on first start): /metrics always needs one.
     """
     from clusters.base import Backend
     from provisioner.files import keep_secret
@@ -81,6 +84,9 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     else:
         token = keep_secret(settings.data_dir / DEFAULT_TOKEN_FILE, _new_token)
         tenants = [machine_tenant(hash_token(token))]
+    if not settings.metrics_token:
+        settings = settings.model_copy(update={
+            "metrics_token": keep_secret(settings.data_dir / METRICS_TOKEN_FILE, _new_token)})
     backend: Backend
     if settings.backend == "mesos":
         from clusters.mesos import MesosBackend
@@ -146,9 +152,7 @@ def serve(
     try:
         private_data_dir(settings.data_dir)
         provisioner, token = build(settings)
-    except OSError as exc:
-        _fail(str(exc))
-    except (TenantsFileError, StoreError, ValueError) as exc:
+    except (OSError, TenantsFileError, StoreError, ValueError) as exc:
         _fail(str(exc))
     if not settings.tls:
         typer.secho(
@@ -156,18 +160,21 @@ def serve(
             "them. Use this only on a trusted single-user machine.",
             fg=typer.colors.YELLOW, err=True, bold=True,
         )
-    if not settings.metrics_token and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        typer.secho(
-            f"WARNING: /metrics (every tenant's name, quota and usage) is open to anyone who "
-            f"can reach {settings.host}:{settings.port}; set PROVISIONER_METRICS_TOKEN.",
-            fg=typer.colors.YELLOW, err=True, bold=True,
-        )
+    # Bound to every interface: this machine reaches it on loopback.
+    near = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
+    url = f"http://{near}:{settings.port}"
     if token:
         typer.echo(f"tenant 'default' token: {token}", err=True)
-        # Bound to every interface: this machine reaches it on loopback.
-        near = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
-        typer.echo(f"  export PROVISIONER_URL=http://{near}:{settings.port}", err=True)
+        typer.echo(f"  export PROVISIONER_URL={url}", err=True)
         typer.echo(f"  export PROVISIONER_TOKEN={token}", err=True)
+    # The metrics token itself is not printed (logs travel further than the data folder).
+    # ``settings`` is as given: without a token there, build() made or read the file's.
+    if settings.metrics_token:
+        bearer = "$PROVISIONER_METRICS_TOKEN"
+    else:
+        bearer = f"$(cat {(settings.data_dir / METRICS_TOKEN_FILE).resolve()})"
+    typer.echo("/metrics needs the metrics token:", err=True)
+    typer.echo(f"  curl -H \"Authorization: Bearer {bearer}\" {url}/metrics", err=True)
     # uvicorn re-raises the stop signal once it has shut down gracefully; with these handlers
     # in place that ends the process with status 0 instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,7 +29,8 @@ class Settings(BaseSettings):
     mesos_teardown: bool = False
     keep_clusters: bool = False
     tls: bool = True
-    #: Bearer token that guards /metrics (tenant names and usage); open when unset.
+    #: Bearer token that guards /metrics (tenant names and usage). Unset: the service makes
+    #: one on first start and keeps it in <data_dir>/metrics-token. /metrics is never open.
     metrics_token: str | None = None
     #: The key (a Fernet key) cluster credentials are encrypted with in the state database,
     #: and other service keys are derived from. Unset: read from ``secret_key_file``.
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
     @field_validator("metrics_token", "secret_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        """``PROVISIONER_SECRET_KEY=`` means "not given", never "an empty key"."""
+        """``PROVISIONER_METRICS_TOKEN=`` means "not given", never "an empty token"."""
         if isinstance(value, str) and not value.strip():
             return None
         return value.strip() if isinstance(value, str) else value

@@ -4,6 +4,7 @@ database, its metrics and health, and holding its sockets with slow requests."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 from collections.abc import Callable
@@ -16,11 +17,28 @@ from distributed import Client
 
 from provisioner.files import SecretFileError, keep_secret, private_data_dir
 from provisioner.secrets import Keyring
+from provisioner.settings import Settings
 from provisioner.store import clusters_table
 from provisioner.tls import cluster_credentials
 from tests.service import ServiceProcess, tenant
 
 MakeService = Callable[..., ServiceProcess]
+
+
+def raw_request(port: int, method: bytes, path: bytes, headers: list[bytes],
+                body: bytes = b"") -> tuple[int, bytes]:
+    """One request on a socket of its own, bytes exactly as given (no client tidies them);
+    the status and the body of the answer."""
+    head = [method + b" " + path + b" HTTP/1.1", b"Host: test", b"Connection: close", *headers]
+    if body:
+        head.append(b"Content-Length: %d" % len(body))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +68,7 @@ def test_data_folder_and_every_file_the_service_makes_are_its_users_alone(
             made += [here / d for d in dirs] + [here / f for f in files]
         names = {p.name for p in made}
         assert {"provisioner.db", "provisioner.db-wal", "provisioner.db-shm", "secret.key",
-                "clusters"} <= names, names
+                "metrics-token", "clusters"} <= names, names
         assert [str(p) for p in made if not _private(p)] == []
     finally:
         with svc.client("acme") as http:
@@ -105,6 +123,9 @@ def test_a_copy_of_the_database_holds_no_credentials(service: ServiceProcess) ->
             db = Path(service.state.removeprefix("sqlite:///"))
             for path in db.parent.glob(db.name + "*"):
                 assert b"PRIVATE KEY" not in path.read_bytes(), path
+        # Nor does anyone without a token learn of it from /healthz.
+        with service.client(None) as http:
+            assert http.get("/healthz").json() == {"status": "ok", "backend": "local"}
         # Yet the owner still gets them, and they work.
         with service.client("alpha") as http:
             creds = http.get(f"/clusters/{cluster['id']}/credentials").json()
@@ -193,3 +214,35 @@ def test_a_wrong_or_missing_key_stops_start_up_naming_the_setting(
         r = http.get(f"/clusters/{cluster['id']}/credentials")
         assert r.status_code == 200 and "PRIVATE KEY" in r.json()["tls_key"], r.text
     assert not key_file.exists()  # the environment's key is used; no file is made
+
+
+# --------------------------------------------------------------------------------------------
+# /metrics and /healthz
+# --------------------------------------------------------------------------------------------
+
+
+def test_metrics_need_a_token_even_when_none_was_set(service: ServiceProcess) -> None:
+    """No PROVISIONER_METRICS_TOKEN: the service made one (0600 in its data folder)."""
+    token_file = service.data_dir / "metrics-token"
+    token = token_file.read_text().strip()
+    assert len(token) >= 40 and _private(token_file)
+    wrong = [b"", b"Bearer", b"Bearer ", b"Bearer token-alpha", b"Bearer " + token[:-1].encode(),
+             b"Bearer " + token.encode() + b"x", b"Basic " + token.encode(),
+             b"Bearer  " + token.encode(), b"Bearer \xe9\xff" + token.encode()]
+    for value in [None, *wrong]:
+        headers = [] if value is None else [b"Authorization: " + value]
+        status, body = raw_request(service.port, b"GET", b"/metrics", headers)
+        assert status == 401, (value, status, body)
+        assert b"provisioner_" not in body and b"alpha" not in body
+    status, body = raw_request(service.port, b"GET", b"/metrics",
+                               [b"Authorization: Bearer " + token.encode()])
+    assert status == 200 and b"provisioner_cores" in body
+
+
+@pytest.mark.parametrize("value", ["", "  ", "\n"])
+def test_a_blank_metrics_token_means_none_given(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """A blank variable must not become the empty token that "Bearer " would match."""
+    monkeypatch.setenv("PROVISIONER_METRICS_TOKEN", value)
+    monkeypatch.setenv("PROVISIONER_SECRET_KEY", value)
+    settings = Settings()
+    assert settings.metrics_token is None and settings.secret_key is None
