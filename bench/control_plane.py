@@ -49,9 +49,8 @@ def _tenants(per_tenant: int) -> list[dict[str, Any]]:
 
 def serve(port: int, data_dir: Path, tenants: Path) -> None:
     """The service with the null backend, as ``provisioner serve`` would run it (in this process)."""
-    import uvicorn
-
     from api.app import create_app
+    from api.server import run as run_server
     from bench.null_backend import NullBackend
     from provisioner.secrets import Keyring, load_or_create_key
     from provisioner.service import Provisioner
@@ -64,7 +63,7 @@ def serve(port: int, data_dir: Path, tenants: Path) -> None:
     provisioner = Provisioner(settings, TenantDirectory(load_tenants(tenants)),
                               Store(settings.state_url, Keyring(load_or_create_key(settings))),
                               NullBackend())
-    uvicorn.run(create_app(provisioner), host="127.0.0.1", port=port, log_level="warning")
+    run_server(create_app(provisioner), settings, "warning")
 
 
 def rss_bytes(pid: int) -> int:

@@ -121,14 +121,20 @@ def serve(
     mesos_command: Annotated[Optional[str], typer.Option(help="command starting Dask on a Mesos agent")] = None,  # noqa: UP045
     keep_clusters: Annotated[bool, typer.Option(help="leave clusters running on shutdown")] = False,
     tls: Annotated[bool, typer.Option(help="per-cluster TLS (--no-tls only for trusted single-user setups)")] = True,
+    max_connections: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="connections served at once; more are answered 503 [default: 1000]")] = None,
+    header_timeout: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help="seconds a client has to send a request's headers [default: 10]")] = None,
+    body_timeout: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help="seconds a client has to send a request's body [default: 30]")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the service (local backend and an SQLite file unless told otherwise)."""
     try:
-        import uvicorn
         from pydantic import ValidationError
 
         from api.app import create_app
+        from api.server import run as run_server
         from provisioner.files import make_private, private_data_dir
         from provisioner.logs import configure as configure_logging
         from provisioner.settings import Settings
@@ -142,6 +148,8 @@ def serve(
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
         "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
+        "max_connections": max_connections, "header_timeout": header_timeout,
+        "body_timeout": body_timeout,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -179,11 +187,7 @@ def serve(
     # in place that ends the process with status 0 instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    # The standard asyncio loop, not uvloop: process exits are watched with pidfds on the
-    # loop, and uvloop (libuv) defers closing a poll handle, so a new pidfd that reuses the
-    # number of one just closed can lose its registration and its exit is never seen.
-    uvicorn.run(create_app(provisioner), host=settings.host, port=settings.port,
-                log_level=log_level.lower(), timeout_graceful_shutdown=30, loop="asyncio")
+    run_server(create_app(provisioner), settings, log_level)
 
 
 @app.command()

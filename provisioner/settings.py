@@ -37,6 +37,17 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     #: File holding the secret key; default <data_dir>/secret.key, made 0600 on first start.
     secret_key_file: Path | None = None
+    #: Open connections served at once; requests beyond them are answered 503.
+    max_connections: int = Field(default=1000, ge=1)
+    #: Seconds a client has to send a request's headers (from connecting, or from the first
+    #: byte of a next request on a kept-alive connection) before it is disconnected.
+    header_timeout: float = Field(default=10, gt=0)
+    #: Seconds a client has to send a request's whole body once its headers are in: 408.
+    body_timeout: float = Field(default=30, gt=0)
+    #: Seconds an idle kept-alive connection stays open.
+    keep_alive_timeout: float = Field(default=5, gt=0)
+    #: uvicorn's HTTP parser: httptools when installed ("auto"), else h11.
+    http_parser: Literal["auto", "h11", "httptools"] = "auto"
     #: Address schedulers and workers listen on (local backend).
     cluster_host: str = "127.0.0.1"
     #: Confine local cluster processes with Landlock (clusters.sandbox): "auto" does when

@@ -3,13 +3,16 @@ database, its metrics and health, and holding its sockets with slow requests."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
 import subprocess
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from cryptography.fernet import Fernet
@@ -20,7 +23,7 @@ from provisioner.secrets import Keyring
 from provisioner.settings import Settings
 from provisioner.store import clusters_table
 from provisioner.tls import cluster_credentials
-from tests.service import ServiceProcess, tenant
+from tests.service import ServiceProcess, tenant, wait_until
 
 MakeService = Callable[..., ServiceProcess]
 
@@ -246,3 +249,159 @@ def test_a_blank_metrics_token_means_none_given(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("PROVISIONER_SECRET_KEY", value)
     settings = Settings()
     assert settings.metrics_token is None and settings.secret_key is None
+
+
+# --------------------------------------------------------------------------------------------
+# Slow and numerous clients
+# --------------------------------------------------------------------------------------------
+
+HEADER_TIMEOUT = 2.0
+BODY_TIMEOUT = 3.0
+#: How late a cut may come on a busy 2-core machine.
+SLACK = 2.0
+
+
+@pytest.fixture(scope="module", params=["h11", "httptools"])
+def slow_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 state_db: Callable[[], str | None]) -> Iterator[ServiceProcess]:
+    """A service with short header and body limits, set by environment, per HTTP parser."""
+    env = {"PROVISIONER_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+           "PROVISIONER_BODY_TIMEOUT": str(BODY_TIMEOUT),
+           "PROVISIONER_KEEP_ALIVE_TIMEOUT": "30", "PROVISIONER_HTTP_PARSER": request.param}
+    svc = ServiceProcess(tmp_path_factory.mktemp(f"slow-{request.param}"), [tenant("acme")],
+                         env=env, state=state_db())
+    try:
+        yield svc.start()
+    finally:
+        svc.cleanup()
+
+
+def until_closed(sock: socket.socket, trickle: bytes = b"", every: float = 0.25,
+                 give_up: float = 30) -> tuple[float, bytes]:
+    """Send ``trickle`` one byte every ``every`` seconds (round and round) until the service
+    closes the connection; how long that took and what it said meanwhile."""
+    start = time.monotonic()
+    said = b""
+    sock.settimeout(every)
+    sent = 0
+    while time.monotonic() - start < give_up:
+        try:
+            if trickle:
+                sock.send(trickle[sent % len(trickle):][:1])
+                sent += 1
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            said += chunk
+        except TimeoutError:
+            continue
+        except OSError:  # reset: closed while we were still sending
+            break
+    else:
+        raise AssertionError(f"still open after {give_up}s; it said {said!r}")
+    return time.monotonic() - start, said
+
+
+def connect(svc: ServiceProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", svc.port), timeout=30)
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(slow_service: ServiceProcess) -> None:
+    with connect(slow_service) as sock:
+        took, said = until_closed(sock)
+    assert HEADER_TIMEOUT - 0.3 < took < HEADER_TIMEOUT + SLACK and said == b""
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(slow_service: ServiceProcess) -> None:
+    """A slowloris: a request line, then header bytes that never end."""
+    with connect(slow_service) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        took, said = until_closed(sock, b"X-Padding: aaaaaaaaaaaaaaaaaaaa\r\n")
+    assert HEADER_TIMEOUT - 0.3 < took < HEADER_TIMEOUT + SLACK, took
+    assert said.startswith(b"HTTP/1.1 408 "), said
+
+
+def test_a_kept_alive_connection_trickling_its_next_request_is_cut_off(
+    slow_service: ServiceProcess,
+) -> None:
+    """The first request is quick and answered; the next one's headers must be quick too,
+    although each byte of them resets the keep-alive timer."""
+    with connect(slow_service) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        took, _ = until_closed(sock, b"GET /healthz HTTP/1.1\r\nX-Padding: bbbbbbbbbbbbb\r\n")
+    assert HEADER_TIMEOUT - 0.3 < took < HEADER_TIMEOUT + SLACK, took
+
+
+def _post_head(length: int) -> bytes:
+    return (b"POST /clusters HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer token-acme\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+
+
+@pytest.mark.parametrize("trickle", [b"", b" "], ids=["no body", "a byte at a time"])
+def test_a_body_sent_slowly_is_cut_within_the_body_timeout(
+    slow_service: ServiceProcess, trickle: bytes,
+) -> None:
+    with connect(slow_service) as sock:
+        sock.sendall(_post_head(1000) + b'{"workers": 0, "project": "slow"')
+        took, said = until_closed(sock, trickle)
+    assert BODY_TIMEOUT - 0.3 < took < BODY_TIMEOUT + SLACK, took
+    head, _, body = said.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), said
+    assert json.loads(body)["detail"] == f"body: not all sent within {BODY_TIMEOUT:g}s"
+    with slow_service.client("acme") as http:  # nothing was made of it
+        assert http.get("/clusters", params={"project": "slow"}).json()["clusters"] == []
+
+
+def test_a_body_too_big_without_a_length_is_refused_naming_the_body(
+    slow_service: ServiceProcess,
+) -> None:
+    """Chunked, so the Content-Length check cannot see it: counted as it is read."""
+    body = b'{"project": "' + b"a" * 70_000 + b'"}'
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 8192]), body[i:i + 8192])
+                      for i in range(0, len(body), 8192)) + b"0\r\n\r\n"
+    head = _post_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+    with connect(slow_service) as sock:
+        sock.sendall(head + chunks)
+        _, said = until_closed(sock)
+    status, _, rest = said.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 422 "), said[:300]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["detail"] == \
+        "body: request body larger than 65536 bytes"
+
+
+def test_a_long_poll_outlives_the_header_timeout(slow_service: ServiceProcess) -> None:
+    """Its headers are in: however long ``?wait=`` holds it, the header limit is not its."""
+    slow_start = f"import time; time.sleep({HEADER_TIMEOUT + 1.5})"  # a scheduler preload
+    with slow_service.client("acme") as http:
+        r = http.post("/clusters", json={
+            "workers": 0, "env": {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": slow_start}})
+        assert r.status_code == 201 and r.json()["status"] == "pending", r.text
+        cluster_id = r.json()["id"]
+        try:
+            start = time.monotonic()
+            r = http.get(f"/clusters/{cluster_id}", params={"wait": 600})
+            took = time.monotonic() - start
+            assert r.status_code == 200 and r.json()["status"] == "running", r.text
+            assert took > HEADER_TIMEOUT + 1, took
+        finally:
+            http.delete(f"/clusters/{cluster_id}")
+
+
+def test_past_max_connections_requests_are_answered_503(make_service: MakeService) -> None:
+    svc = make_service([tenant("acme")], args=["--max-connections", "3"],
+                       env={"PROVISIONER_HEADER_TIMEOUT": "120"}).start()
+
+    def status() -> int:
+        return httpx.get(svc.url + "/healthz", timeout=30).status_code
+
+    held = [connect(svc) for _ in range(2)]
+    try:
+        assert status() == 200  # two held and this one: three
+        held.append(connect(svc))
+        assert status() == 503  # a fourth
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: status() == 200, timeout=30, what="served again once they are gone")
