@@ -100,7 +100,9 @@ def test_tenant_code_is_confined_to_its_own_cluster(
     assert service.proc is not None
     beta_pids = [p.pid for p in service.processes_of(cb["id"])]
     beta_dir = service.data_dir / "clusters" / cb["id"]
-    secrets = [str(beta_dir / "scheduler.log")]
+    # The key that decrypts every cluster's credentials and the metrics token, too.
+    secrets = [str(beta_dir / "scheduler.log"), str(service.data_dir / "secret.key"),
+               str(service.data_dir / "metrics-token")]
     if service.state.startswith("sqlite"):
         secrets.append(str(make_url(service.state).database))
     for path in secrets:
