@@ -321,6 +321,29 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(slow_service: ServiceProcess)
     assert said.startswith(b"HTTP/1.1 408 "), said
 
 
+def test_many_slow_clients_are_all_cut_off_while_others_are_served(
+    slow_service: ServiceProcess,
+) -> None:
+    """What used to hold the service's sockets for ever: 100 half-sent requests at once."""
+    held = [connect(slow_service) for _ in range(100)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Padding: a")
+        start = time.monotonic()
+        with slow_service.client(None) as http:
+            assert http.get("/healthz").status_code == 200  # served meanwhile
+        for sock in held:
+            sock.settimeout(max(0.1, start + HEADER_TIMEOUT + SLACK - time.monotonic()))
+            answer = sock.recv(65536)  # the 408, then the end of the connection
+            while answer and (more := sock.recv(65536)):
+                answer += more
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert time.monotonic() - start < HEADER_TIMEOUT + SLACK
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_kept_alive_connection_trickling_its_next_request_is_cut_off(
     slow_service: ServiceProcess,
 ) -> None:
