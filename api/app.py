@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,16 +53,33 @@ async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return response
 
 
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes before they are read into memory."""
+class BodyRefused(HTTPException):
+    """A request body refused while it is read; raised from the wrapped ``receive``.
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
+    An HTTPException because FastAPI's body reading passes those through untouched (any
+    other exception becomes a bare "error parsing the body"). It answers with ``response``,
+    which closes the connection: the rest of the body is never read.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, f"body: {message}", headers={"connection": "close"})
+        self.response = _error(status, f"body: {message}", [{"field": "body", "message": message}])
+        self.response.headers["connection"] = "close"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes before they are read into memory (422, the
+    contract's answer to bad input), and bodies not all in within ``timeout`` seconds of
+    the request's headers (408): a client trickling its body would hold its socket for ever.
+
+    Once the body is complete, ``receive`` is the app's as is: a long-poll waiting for a
+    disconnect is never timed out.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY, timeout: float = 30) -> None:
         self.app = app
         self.limit = limit
-        # 422 like every other bad input (the contract's choice over 413), naming the field;
-        # built once, and sent as an ASGI app of its own when a body is too big.
-        self.too_big = _error(422, f"body: request body larger than {limit} bytes",
-                              [{"field": "body", "message": f"larger than {limit} bytes"}])
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,26 +88,35 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self.too_big(scope, receive, send)
+            await self._too_big().response(scope, receive, send)
             return
         seen = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def limited() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyRefused(408, f"not all sent within {self.timeout:g}s") from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooBig
+                raise self._too_big()
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, limited, send)
-        except _TooBig:
-            await self.too_big(scope, receive, send)
+        except BodyRefused as exc:  # raised where no exception handler stood in between
+            await exc.response(scope, receive, send)
 
-
-class _TooBig(Exception):
-    pass
+    def _too_big(self) -> BodyRefused:
+        # 422 like every other bad input (the contract's choice over 413), naming the field.
+        return BodyRefused(422, f"request body larger than {self.limit} bytes")
 
 
 def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastAPI:
@@ -118,6 +145,10 @@ def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastA
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
 
+    @app.exception_handler(BodyRefused)
+    async def _body_refused(_: Request, exc: BodyRefused) -> JSONResponse:
+        return exc.response
+
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return _error(404, f"cluster {exc.args[0]!s} not found")
@@ -131,5 +162,5 @@ def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastA
         status = 409 if isinstance(exc, Conflict) else 422
         return _error(status, str(exc), [{"field": exc.field, "message": exc.message}])
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, timeout=provisioner.settings.body_timeout)
     return app

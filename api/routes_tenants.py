@@ -65,8 +65,8 @@ async def my_usage(
 
 @router.get("/healthz", response_model=Health, tags=["service"])
 async def healthz(service: Annotated[Provisioner, Depends(get_provisioner)]) -> Health:
-    return Health(status="ok", backend=service.backend.name,
-                  clusters=len(service.records.live()))
+    """Liveness, for anyone: nothing about tenants or clusters."""
+    return Health(status="ok", backend=service.backend.name)
 
 
 @router.get("/metrics", tags=["service"], response_class=Response,
@@ -75,8 +75,12 @@ async def metrics(
     service: Annotated[Provisioner, Depends(get_provisioner)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """Prometheus metrics; behind ``--metrics-token`` when one is set."""
+    """Prometheus metrics (every tenant's name, quota and usage): always behind the metrics
+    token (PROVISIONER_METRICS_TOKEN, or the one the service keeps in its data folder)."""
     expected = service.settings.metrics_token
-    if expected and not hmac.compare_digest(authorization or "", f"Bearer {expected}"):
-        raise HTTPException(401, "metrics need the operator's bearer token")
+    if not expected or not hmac.compare_digest((authorization or "").encode(),
+                                               f"Bearer {expected}".encode()):
+        raise HTTPException(401, "metrics need the metrics token (PROVISIONER_METRICS_TOKEN, "
+                                 "or the data folder's metrics-token file) as a bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

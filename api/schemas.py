@@ -134,9 +134,10 @@ class ErrorOut(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness only: no count or name of tenants or clusters (it needs no token)."""
+
     status: str
     backend: str
-    clusters: int
 
 
 class ProjectUsage(BaseModel):

@@ -49,10 +49,10 @@ def _tenants(per_tenant: int) -> list[dict[str, Any]]:
 
 def serve(port: int, data_dir: Path, tenants: Path) -> None:
     """The service with the null backend, as ``provisioner serve`` would run it (in this process)."""
-    import uvicorn
-
     from api.app import create_app
+    from api.server import run as run_server
     from bench.null_backend import NullBackend
+    from provisioner.secrets import Keyring, load_or_create_key
     from provisioner.service import Provisioner
     from provisioner.settings import Settings
     from provisioner.store import Store
@@ -61,8 +61,9 @@ def serve(port: int, data_dir: Path, tenants: Path) -> None:
     settings = Settings(port=port, data_dir=data_dir, tenants=tenants, tls=False)
     data_dir.mkdir(parents=True, exist_ok=True)
     provisioner = Provisioner(settings, TenantDirectory(load_tenants(tenants)),
-                              Store(settings.state_url), NullBackend())
-    uvicorn.run(create_app(provisioner), host="127.0.0.1", port=port, log_level="warning")
+                              Store(settings.state_url, Keyring(load_or_create_key(settings))),
+                              NullBackend())
+    run_server(create_app(provisioner), settings, "warning")
 
 
 def rss_bytes(pid: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -30,8 +30,25 @@ class Settings(BaseSettings):
     mesos_teardown: bool = False
     keep_clusters: bool = False
     tls: bool = True
-    #: Bearer token that guards /metrics (tenant names and usage); open when unset.
+    #: Bearer token that guards /metrics (tenant names and usage). Unset: the service makes
+    #: one on first start and keeps it in <data_dir>/metrics-token. /metrics is never open.
     metrics_token: str | None = None
+    #: The key (a Fernet key) cluster credentials are encrypted with in the state database,
+    #: and other service keys are derived from. Unset: read from ``secret_key_file``.
+    secret_key: SecretStr | None = None
+    #: File holding the secret key; default <data_dir>/secret.key, made 0600 on first start.
+    secret_key_file: Path | None = None
+    #: Open connections served at once; requests beyond them are answered 503.
+    max_connections: int = Field(default=1000, ge=1)
+    #: Seconds a client has to send a request's headers (from connecting, or from the first
+    #: byte of a next request on a kept-alive connection) before it is disconnected.
+    header_timeout: float = Field(default=10, gt=0)
+    #: Seconds a client has to send a request's whole body once its headers are in: 408.
+    body_timeout: float = Field(default=30, gt=0)
+    #: Seconds an idle kept-alive connection stays open.
+    keep_alive_timeout: float = Field(default=5, gt=0)
+    #: uvicorn's HTTP parser: httptools when installed ("auto"), else h11.
+    http_parser: Literal["auto", "h11", "httptools"] = "auto"
     #: Address schedulers and workers listen on (local backend).
     cluster_host: str = "127.0.0.1"
     #: Confine local cluster processes (clusters.sandbox: cgroup, private root, own user,
@@ -54,14 +71,26 @@ class Settings(BaseSettings):
 
     def private_files(self) -> list[Path]:
         """The service's files that cluster processes must never see, besides its data folder:
-        its tenants file and, on SQLite, its state file and the journals beside it."""
-        files = [self.tenants] if self.tenants else []
+        its tenants file, its key file and, on SQLite, its state file and the journals beside it."""
+        files = [self.key_file, *([self.tenants] if self.tenants else [])]
         url = make_url(self.state_url)
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             database = Path(url.database)
             files += [database, *(database.with_name(database.name + suffix)
                                   for suffix in ("-wal", "-shm", "-journal"))]
         return files
+
+    @field_validator("metrics_token", "secret_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """``PROVISIONER_METRICS_TOKEN=`` means "not given", never "an empty token"."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"
 
     @property
     def state_url(self) -> str:

@@ -13,9 +13,9 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from provisioner.models import LIVE, ClusterRecord, Status
 from provisioner.quota import Usage, check_fits, check_workers_per_cluster, workers_that_fit
+from provisioner.secrets import Keyring, WrongKey
 from provisioner.tenants import Quota
 
 P = ParamSpec("P")
@@ -119,18 +120,6 @@ class NotFound(KeyError):
     pass
 
 
-def _row_to_record(row: sa.Row[Any]) -> ClusterRecord:
-    data = dict(row._mapping)
-    data["status"] = Status(data["status"])
-    return ClusterRecord(**data)
-
-
-def _record_to_row(record: ClusterRecord) -> dict[str, Any]:
-    row = asdict(record)
-    row["status"] = record.status.value
-    return row
-
-
 def make_engine(url: str) -> Engine:
     """An engine for ``url`` with SQLite tuned for one writer and many readers."""
     try:
@@ -167,13 +156,48 @@ def make_engine(url: str) -> Engine:
 
 
 class Store:
-    """Cluster records and metadata; async methods backed by a private thread pool."""
+    """Cluster records and metadata; async methods backed by a private thread pool.
 
-    def __init__(self, url: str) -> None:
+    Cluster credentials are sealed with ``keyring`` in the one place rows become records and
+    back, so every read and write goes through it, in the store's threads.
+    """
+
+    def __init__(self, url: str, keyring: Keyring) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self.keyring = keyring
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
+
+    # -- rows and records -------------------------------------------------------------------
+
+    def _row_to_record(self, row: sa.Row[Any]) -> ClusterRecord:
+        data = dict(row._mapping)
+        data["status"] = Status(data["status"])
+        data["credentials"] = self._open_credentials(data["credentials"])
+        return ClusterRecord(**data)
+
+    def _record_to_row(self, record: ClusterRecord,
+                       columns: Collection[str] | None = None) -> dict[str, Any]:
+        """The row for ``record``; with ``columns``, only those (nothing else is sealed)."""
+        row = {f.name: getattr(record, f.name) for f in fields(record)
+               if columns is None or f.name in columns}
+        if "status" in row:
+            row["status"] = record.status.value
+        if "credentials" in row:
+            row["credentials"] = self._seal_credentials(record.credentials)
+        return row
+
+    def _seal_credentials(self, credentials: dict[str, str]) -> str | dict[str, str]:
+        """Credentials as stored: a Fernet token; none ({}, a --no-tls cluster) stay {}."""
+        return self.keyring.encrypt_json(credentials) if credentials else {}
+
+    def _open_credentials(self, stored: str | dict[str, str] | None) -> dict[str, str]:
+        """A token is decrypted; a dict is a row of a release that stored them in clear
+        (sealed at start by :meth:`seal_credentials`, read as is until then)."""
+        if isinstance(stored, str):
+            return self.keyring.decrypt_json(stored)
+        return dict(stored or {})
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -222,6 +246,33 @@ class Store:
             reason = getattr(exc, "orig", None) or exc
             raise StoreError(f"cannot open state {self.engine.url!r}: {reason}") from None
 
+    def seal_credentials(self) -> int:
+        """Before serving: seal the credentials a previous release stored in clear, and check
+        that every sealed row opens with this key, so a wrong or missing key stops start-up
+        with a message naming its setting instead of failing requests later. Returns how
+        many rows were sealed."""
+        if not sa.inspect(self.engine).has_table(clusters_table.name):
+            return 0
+        c = clusters_table.c
+        sealed, unreadable = 0, []
+        with self._tx(write=True) as conn:
+            for cluster_id, stored in conn.execute(sa.select(c.id, c.credentials)).all():
+                if isinstance(stored, str):
+                    try:
+                        self._open_credentials(stored)
+                    except WrongKey:
+                        unreadable.append(cluster_id)
+                elif stored:
+                    conn.execute(clusters_table.update().where(c.id == cluster_id)
+                                 .values(credentials=self._seal_credentials(stored)))
+                    sealed += 1
+            if unreadable:  # raising rolls back: nothing is sealed with a key that is wrong
+                raise WrongKey(
+                    f"the credentials of {len(unreadable)} cluster(s) in the state database "
+                    f"(e.g. {', '.join(unreadable[:3])}) cannot be decrypted with the key from "
+                    f"{self.keyring.source}; set it to the key they were sealed with")
+        return sealed
+
     async def open(self, tenant_names: list[str]) -> None:
         await self._call(self._open, tenant_names)
 
@@ -238,7 +289,7 @@ class Store:
             ).first()
         if row is None:
             raise NotFound(cluster_id)
-        return _row_to_record(row)
+        return self._row_to_record(row)
 
     async def get(self, cluster_id: str) -> ClusterRecord:
         return await self._call(self._get, cluster_id)
@@ -266,7 +317,7 @@ class Store:
                     raise NotFound(after)
                 query = query.where(sa.or_(c.created_at < start,
                                            sa.and_(c.created_at == start, c.id < after)))
-            return [_row_to_record(r) for r in conn.execute(query)]
+            return [self._row_to_record(r) for r in conn.execute(query)]
 
     async def list(
         self, tenant: str | None = None, statuses: list[Status] | None = None,
@@ -305,7 +356,7 @@ class Store:
             usage = self._usage_of(conn, record.tenant)
             check_workers_per_cluster(quota, record.workers_requested)
             check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1)
-            conn.execute(clusters_table.insert().values(**_record_to_row(record)))
+            conn.execute(clusters_table.insert().values(**self._record_to_row(record)))
             self._account(conn, record)
         return record
 
@@ -329,7 +380,7 @@ class Store:
             ).first()
             if row is None:
                 raise NotFound(cluster_id)
-            record = _row_to_record(row)
+            record = self._row_to_record(row)
             if record.status.terminal or record.stop_requested:
                 return record
             usage = self._usage_of(conn, tenant)  # this cluster is live: it is counted
@@ -370,10 +421,9 @@ class Store:
             ).first()
             if row is None:
                 raise NotFound(cluster_id)
-            before = _row_to_record(row)
+            before = self._row_to_record(row)
             updated = before.evolve(**changes)
-            values = {k: v for k, v in _record_to_row(updated).items() if k in changes
-                      or k == "stopped_at"}
+            values = self._record_to_row(updated, {*changes, "stopped_at"})
             conn.execute(
                 clusters_table.update().where(clusters_table.c.id == cluster_id).values(**values)
             )

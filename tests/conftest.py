@@ -54,10 +54,13 @@ def make_service(tmp_path: Path,
     made: list[ServiceProcess] = []
 
     def make(tenants: list[dict[str, Any]] | None = None, args: list[str] | None = None,
-             env: dict[str, str] | None = None, workdir: Path | None = None) -> ServiceProcess:
+             env: dict[str, str] | None = None, workdir: Path | None = None,
+             sqlite: bool = False) -> ServiceProcess:
+        """``sqlite``: state in an SQLite file in its data folder, whatever PROVISIONER_TEST_DB."""
         directory = workdir or tmp_path / f"svc{len(made)}"
         directory.mkdir(exist_ok=True)
-        svc = ServiceProcess(directory, tenants, args=args, env=env, state=state_db())
+        svc = ServiceProcess(directory, tenants, args=args, env=env,
+                             state=None if sqlite else state_db())
         made.append(svc)
         return svc
 

@@ -101,6 +101,11 @@ class ServiceProcess:
             headers["Authorization"] = f"Bearer {token}"
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
+    def metrics_token(self) -> str:
+        """The token /metrics needs: the one it was given, else the one it keeps in its data folder."""
+        return self.env.get("PROVISIONER_METRICS_TOKEN") or \
+            (self.data_dir / "metrics-token").read_text().strip()
+
     def create(self, name: str, wait: float = 90, **body: Any) -> dict[str, Any]:
         """Create a cluster of tenant ``name`` and wait until it runs (asserted)."""
         with self.client(name) as http:

@@ -119,13 +119,22 @@ def test_without_tenants_file_a_default_tenant_sized_to_the_machine_keeps_its_to
     first = start_keeping_stderr(svc, "first")
     token = check_token_accepted(first)
     assert "--no-tls" not in first  # TLS is on by default: no warning
-    assert "WARNING: /metrics" not in first  # on loopback
+    # /metrics is never open: the service made its own token and says how to use it.
+    metrics_token = svc.data_dir / "metrics-token"
+    assert metrics_token.stat().st_mode & 0o777 == 0o600
+    assert (f'curl -H "Authorization: Bearer $(cat {metrics_token.resolve()})" {svc.url}/metrics'
+            in first), first
+    assert metrics_token.read_text().strip() not in first  # said where, not printed
     assert svc.signal(signal.SIGTERM) == 0
 
     svc.args = ["--no-tls", *svc.args, "--host", "0.0.0.0"]
     second = start_keeping_stderr(svc, "second")
     assert check_token_accepted(second) == token  # the same tenant after a restart
+    assert svc.metrics_token() == metrics_token.read_text().strip()  # and the same metrics token
+    with svc.client(None, token=svc.metrics_token()) as http:
+        assert http.get("/metrics").status_code == 200
     warnings = [line for line in second.splitlines() if "WARNING: --no-tls:" in line]
     assert len(warnings) == 1 and "trusted single-user machine" in warnings[0], second
-    # Reachable beyond this machine with no metrics token: said as loudly.
-    assert "WARNING: /metrics (every tenant's name, quota and usage) is open" in second, second
+    # Reachable beyond this machine: /metrics is still guarded, by the same token.
+    assert "/metrics needs the metrics token" in second and "WARNING: /metrics" not in second
+    assert f"$(cat {metrics_token.resolve()})" in second, second

@@ -691,6 +691,10 @@ BAD_VALUES = {
     "metrics token Secret name not a DNS name": (
         "metricsToken: {existingSecret: Prov_Metrics}\n", "existingSecret"),
     "metrics token given in values": ("metricsToken: {token: s3cret}\n", "token"),
+    "postgresql on an emptyDir without the encryption key's Secret": (
+        "state: {type: postgresql, postgresql: {existingSecret: db}}\n"
+        "persistence: {enabled: false}\n", "existingSecret"),
+    "encryption key given in values": ("encryptionKey: {key: s3cret}\n", "key"),
 }
 
 
@@ -899,7 +903,11 @@ def test_mesos_postgres_example_render(renderer):
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["endpoints"] == [
         {"port": "http", "path": "/metrics", "scheme": "http", "interval": "30s",
-         "scrapeTimeout": "10s"}]
+         "scrapeTimeout": "10s", "authorization": {
+             "type": "Bearer", "credentials": {"name": "provisioner-metrics", "key": "token"}}}]
+    # No volume for the data folder: the key sealing credentials in PostgreSQL is a Secret's.
+    assert env_of(c)["PROVISIONER_SECRET_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "provisioner-key", "key": "key"}}
     service = one(docs, "Service")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
@@ -1005,6 +1013,41 @@ def test_no_metrics_token_by_default(renderer):
     assert "METRICS_TOKEN" not in text and "authorization" not in text
 
 
+def test_without_a_metrics_token_secret_notes_say_where_the_token_is_and_warn_prometheus(
+        renderer):
+    """/metrics is never open: without a Secret the service makes its own token, which a
+    ServiceMonitor cannot know."""
+    notes = renderer.render({"serviceMonitor": {"enabled": True}})["NOTES.txt"]
+    assert "cat /var/lib/provisioner/metrics-token" in notes
+    assert "WARNING: that ServiceMonitor has no token" in notes
+    notes = renderer.render({})["NOTES.txt"]
+    assert "cat /var/lib/provisioner/metrics-token" in notes and "WARNING: that" not in notes
+    notes = renderer.render({"serviceMonitor": {"enabled": True}, "metricsToken": {
+        "existingSecret": "prov-metrics", "secretKey": "token"}})["NOTES.txt"]
+    assert "Secret prov-metrics" in notes and "WARNING: that" not in notes
+    assert "metrics-token" not in notes
+
+
+def test_encryption_key_secret_reaches_the_service(renderer, schema, defaults, monkeypatch):
+    values = {"encryptionKey": {"existingSecret": "prov-key", "secretKey": "fernet"}}
+    assert validation_errors(schema, merge(defaults, values)) == []
+    docs = renderer.manifests(values)
+    assert "Secret" not in [d["kind"] for d in docs]  # the chart never holds the key
+    env = env_of(container(docs))["PROVISIONER_SECRET_KEY"]
+    assert env == {"name": "PROVISIONER_SECRET_KEY", "valueFrom": {
+        "secretKeyRef": {"name": "prov-key", "key": "fernet"}}}
+    assert "PROVISIONER_SECRET_KEY" not in env_of(container(renderer.manifests({})))
+    # PostgreSQL state on a persistent volume may keep the key file there.
+    pg = {"state": {"type": "postgresql", "postgresql": {"existingSecret": "db"}}}
+    assert validation_errors(schema, merge(defaults, pg)) == []
+    renderer.manifests(pg)
+
+    from provisioner.settings import Settings
+
+    monkeypatch.setenv(env["name"], "from-the-secret")
+    assert Settings().secret_key.get_secret_value() == "from-the-secret"
+
+
 def test_sqlite_always_recreate_even_if_asked_otherwise(renderer):
     spec = one(renderer.manifests({"updateStrategy": "RollingUpdate"}), "Deployment")["spec"]
     assert spec["strategy"] == {"type": "Recreate"} and spec["replicas"] == 1
@@ -1054,6 +1097,10 @@ def test_existing_claim_and_no_persistence(renderer):
         ({"state": {"type": "mysql"}}, "state.type"),
         ({"metricsToken": {"existingSecret": "prov-metrics", "secretKey": ""}},
          "metricsToken.secretKey"),
+        ({"state": {"type": "postgresql", "postgresql": {"existingSecret": "db"}},
+          "persistence": {"enabled": False}}, "encryptionKey.existingSecret"),
+        ({"encryptionKey": {"existingSecret": "prov-key", "secretKey": ""}},
+         "encryptionKey.secretKey"),
     ],
 )
 def test_templates_refuse_what_the_schema_refuses(renderer, values, message):

@@ -227,7 +227,10 @@ def test_cluster_processes_run_as_their_tenant_in_a_private_root(
     beta_pids = {f"beta process {i}": r.pid for i, r in enumerate(svc.processes_of(b["id"]))}
     paths = {"beta's log": str(svc.data_dir / "logs" / b["id"] / "scheduler.log"),
              "beta's folder": str(svc.data_dir / "clusters" / b["id"]),
-             "the data folder": str(svc.data_dir), "/etc/shadow": "/etc/shadow"}
+             "the data folder": str(svc.data_dir), "/etc/shadow": "/etc/shadow",
+             # The key that decrypts every cluster's credentials, and the metrics token.
+             "the secret key": str(svc.data_dir / "secret.key"),
+             "the metrics token": str(svc.data_dir / "metrics-token")}
     if svc.tenants_file is not None:
         paths["the tenants file"] = str(svc.tenants_file)
     if svc.state.startswith("sqlite"):

@@ -14,7 +14,7 @@ from tests.service import ServiceProcess, tenant, wait_until
 
 
 def _samples(service: ServiceProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with service.client(None) as http:
+    with service.client(None, token=service.metrics_token()) as http:
         r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {
@@ -93,6 +93,7 @@ def test_metrics_token_guards_metrics(make_service: Any) -> None:
     with svc.client(None, token="ops-secret") as http:
         r = http.get("/metrics")
     assert r.status_code == 200 and "provisioner_cores" in r.text
+    assert not (svc.data_dir / "metrics-token").exists()  # the given token is the only one
 
 
 def test_reaps_and_backend_errors_are_counted(service: ServiceProcess) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 from provisioner.models import ClusterRecord, Status, new_cluster_id
 from provisioner.quota import QuotaExceeded
 from provisioner.records import Records
+from provisioner.secrets import Keyring
 from provisioner.store import NotFound, Store
 from provisioner.tenants import Quota
 
@@ -26,9 +29,13 @@ def fresh(tenant: str = "t", workers: int = 1) -> ClusterRecord:
     )
 
 
+def keyring() -> Keyring:
+    return Keyring(Fernet.generate_key(), "a test key")
+
+
 @pytest.fixture
 async def store(tmp_path: Path, state_db):  # type: ignore[no-untyped-def]
-    s = Store(state_db() or f"sqlite:///{tmp_path / 'state.db'}")
+    s = Store(state_db() or f"sqlite:///{tmp_path / 'state.db'}", keyring())
     await s.open(["t", "u"])
     yield s
     await s.close()
@@ -70,7 +77,8 @@ async def test_concurrent_resizes_stay_within_quota(store: Store) -> None:
 
 async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path, state_db) -> None:  # type: ignore[no-untyped-def]
     url = state_db() or f"sqlite:///{tmp_path / 'state.db'}"
-    s = Store(url)
+    key = keyring()
+    s = Store(url, key)
     await s.open(["t"])
     rec = await s.admit(fresh(), Quota(cores=4, memory=8 * GiB))
     await s.update(rec.id, status=Status.STARTING, backend_state={"scheduler": {"pid": 1}})
@@ -79,7 +87,7 @@ async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path
     await s.close()
     if url.startswith("sqlite:///"):  # it holds every cluster's client key
         assert os.stat(url.removeprefix("sqlite:///")).st_mode & 0o777 == 0o600
-    again = Store(url)
+    again = Store(url, key)
     await again.open(["t"])
     got = await again.get(rec.id)
     assert got.status == Status.STARTING and got.backend_state == {"scheduler": {"pid": 1}}
@@ -118,3 +126,91 @@ async def test_cache_follows_commit_order_when_writes_finish_out_of_order(
     assert in_db.status == Status.FAILED
     assert records.cached(rec.id) is None
     assert (await records.usage("t")).clusters == 0
+
+
+def _raw_credentials(s: Store, cluster_id: str) -> object:
+    """The credentials column as the database holds it (what a copy of it would show)."""
+    import sqlalchemy as sa
+
+    from provisioner.store import clusters_table
+
+    with s.engine.connect() as conn:
+        return conn.execute(sa.select(clusters_table.c.credentials)
+                            .where(clusters_table.c.id == cluster_id)).scalar()
+
+
+def _insert_in_clear(s: Store, cluster_id: str) -> dict[str, str]:
+    """A stopped cluster's row as the previous release wrote it: credentials in clear."""
+    from provisioner.store import clusters_table
+    from provisioner.tls import cluster_credentials
+
+    creds = cluster_credentials(cluster_id)
+    old = fresh()
+    row = {f: getattr(old, f) for f in ("tenant", "project", "worker_cores", "worker_memory",
+                                        "scheduler_cores", "scheduler_memory", "workers_requested",
+                                        "idle_timeout", "no_client_timeout", "created_at")}
+    with s.engine.begin() as conn:
+        conn.execute(clusters_table.insert().values(
+            **row, id=cluster_id, status="stopped", workers_running=0, env={},
+            stop_requested=False, backend_state={}, credentials=creds))
+    return creds
+
+
+async def test_credentials_are_sealed_in_the_database(store: Store) -> None:
+    from provisioner.tls import cluster_credentials
+
+    rec = fresh()
+    creds = cluster_credentials(rec.id)
+    rec = await store.admit(replace(rec, credentials=creds), Quota(cores=4, memory=8 * GiB))
+    raw = _raw_credentials(store, rec.id)
+    assert isinstance(raw, str) and "PRIVATE KEY" not in raw and "BEGIN" not in raw
+    assert (await store.get(rec.id)).credentials == creds
+    # Writes that do not change them leave them sealed; a --no-tls cluster has none.
+    await store.update(rec.id, status=Status.STARTING)
+    assert _raw_credentials(store, rec.id) == raw
+    plain = await store.admit(fresh(), Quota(cores=4, memory=8 * GiB))
+    assert _raw_credentials(store, plain.id) == {} and (await store.get(plain.id)).credentials == {}
+
+
+async def test_clear_credentials_of_an_earlier_release_are_read_then_sealed(store: Store) -> None:
+    """Rows the previous release wrote ({"ca": ..., "cert": ...} in clear) still read, and
+    seal_credentials (run at start) encrypts them, once."""
+    import sqlalchemy as sa
+
+    from provisioner.store import clusters_table
+
+    old = fresh()
+    creds = _insert_in_clear(store, old.id)
+    assert _raw_credentials(store, old.id) == creds
+    assert (await store.get(old.id)).credentials == creds
+    assert store.seal_credentials() == 1
+    raw = _raw_credentials(store, old.id)
+    assert isinstance(raw, str) and "PRIVATE KEY" not in raw
+    assert (await store.get(old.id)).credentials == creds
+    assert store.seal_credentials() == 0  # nothing left in clear
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(clusters_table)).scalar() == 1
+
+
+async def test_another_key_is_refused_at_start_and_changes_nothing(tmp_path: Path, state_db) -> None:  # type: ignore[no-untyped-def]
+    from provisioner.secrets import WrongKey
+    from provisioner.tls import cluster_credentials
+
+    url = state_db() or f"sqlite:///{tmp_path / 'state.db'}"
+    first = Store(url, keyring())
+    await first.open(["t"])
+    rec = fresh()
+    rec = await first.admit(replace(rec, credentials=cluster_credentials(rec.id)),
+                            Quota(cores=4, memory=8 * GiB))
+    await first.close()
+    other = Store(url, Keyring(Fernet.generate_key(), "PROVISIONER_SECRET_KEY"))
+    try:
+        clear_id = new_cluster_id()
+        clear = _insert_in_clear(other, clear_id)
+        with pytest.raises(WrongKey, match=f"{rec.id}.*cannot be decrypted with the key from "
+                                           "PROVISIONER_SECRET_KEY"):
+            other.seal_credentials()
+        # Nothing was sealed with the wrong key: the earlier release's row is still in clear.
+        assert _raw_credentials(other, clear_id) == clear
+    finally:
+        await other.close()

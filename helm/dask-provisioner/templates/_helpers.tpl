@@ -95,6 +95,9 @@ Stops rendering on combinations the schema cannot express or that were let throu
 {{- if not (or .Values.state.postgresql.existingSecret .Values.state.postgresql.url) -}}
 {{- fail "state.type postgresql needs state.postgresql.existingSecret or state.postgresql.url" -}}
 {{- end -}}
+{{- if and (not .Values.persistence.enabled) (not .Values.encryptionKey.existingSecret) -}}
+{{- fail "state.type postgresql with persistence disabled needs encryptionKey.existingSecret: the key encrypting credentials in the database must outlive the pod" -}}
+{{- end -}}
 {{- else -}}
 {{- fail (printf "state.type must be sqlite or postgresql, not %q" .Values.state.type) -}}
 {{- end -}}
