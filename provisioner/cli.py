@@ -89,6 +89,7 @@ def serve(
     mesos_command: Annotated[Optional[str], typer.Option(help="command starting Dask on a Mesos agent")] = None,  # noqa: UP045
     keep_clusters: Annotated[bool, typer.Option(help="leave clusters running on shutdown")] = False,
     tls: Annotated[bool, typer.Option(help="per-cluster TLS (--no-tls only for trusted single-user setups)")] = True,
+    public_url: Annotated[Optional[str], typer.Option(help="URL tenants reach the service at, behind a proxy")] = None,  # noqa: UP045
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the service (local backend and an SQLite file unless told otherwise)."""
@@ -109,7 +110,7 @@ def serve(
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
         "keep_clusters": keep_clusters,
-        "tls": tls,
+        "tls": tls, "public_url": public_url,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -143,8 +144,11 @@ def serve(
     # The standard asyncio loop, not uvloop: process exits are watched with pidfds on the
     # loop, and uvloop (libuv) defers closing a poll handle, so a new pidfd that reuses the
     # number of one just closed can lose its registration and its exit is never seen.
+    # Websockets (dashboards) with wsproto: uvicorn's websockets implementation logs an
+    # error for every handshake refused with an HTTP answer (401, 404, ...).
     uvicorn.run(create_app(provisioner), host=settings.host, port=settings.port,
-                log_level=log_level.lower(), timeout_graceful_shutdown=30, loop="asyncio")
+                log_level=log_level.lower(), timeout_graceful_shutdown=30, loop="asyncio",
+                ws="wsproto")
 
 
 @app.command()
