@@ -77,7 +77,7 @@ async def _resolve(conn: HTTPConnection, cluster_id: str
         query_link, query = split_query(conn.scope.get("query_string", b""))
     except BadPath as exc:
         raise HTTPException(404, f"no such dashboard page ({exc})") from None
-    access = authenticate(conn, cluster_id, where.link or query_link)
+    access = authenticate(conn, cluster_id, where.link if where.link is not None else query_link)
     record = await get_provisioner(conn).get(access.tenant, cluster_id)
     return where, query, query_link is not None, access, _serving(record)
 

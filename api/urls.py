@@ -12,7 +12,9 @@ def public_base(conn: HTTPConnection) -> str:
     """``PROVISIONER_PUBLIC_URL`` when the service sits behind a proxy, else the URL this
     request reached the service at; no trailing slash."""
     configured = conn.app.state.provisioner.settings.public_url
-    return (configured or str(conn.base_url)).rstrip("/")
+    base = (configured or str(conn.base_url)).rstrip("/")
+    # A websocket's own URL is ws:// or wss://; the service's pages are http(s).
+    return "http" + base[2:] if base.startswith(("ws://", "wss://")) else base
 
 
 def dashboard_base(base: str, cluster_id: str) -> str:
