@@ -482,24 +482,29 @@ def test_unreachable_then_stopped_dashboards(service: ServiceProcess) -> None:
         assert r.status_code == 409 and "stopped" in r.json()["detail"], r.text
 
 
-def test_links_cookies_and_origins_follow_the_public_url(make_service: Callable[..., ServiceProcess]
-                                                        ) -> None:
+def test_public_url_and_a_plain_http_scheduler(make_service: Callable[..., ServiceProcess]) -> None:
     """Behind a proxy the service is reached at PROVISIONER_PUBLIC_URL: links are built on it,
-    its HTTPS makes the session cookie Secure, and only its pages may open websockets."""
+    its HTTPS makes the session cookie Secure, and only its pages may open websockets. With
+    --no-tls the scheduler serves plain HTTP, proxied the same way."""
     public = "https://dask.example.com"
-    svc = make_service([tenant("alpha")], env={"PROVISIONER_PUBLIC_URL": public}).start()
+    svc = make_service([tenant("alpha")], args=["--no-tls"],
+                       env={"PROVISIONER_PUBLIC_URL": public}).start()
     c = svc.create("alpha", workers=0)
     try:
+        assert c["tls"] is False and svc.upstream(c["id"]).startswith("http://127.0.0.1:")
         assert c["dashboard_url"] == f"{public}/clusters/{c['id']}/dashboard/status"
         signed = link(svc, "alpha", c["id"])
         assert signed["url"].startswith(f"{public}/clusters/{c['id']}/dashboard/status?token=")
         with browser(svc) as b:
             r = b.get(signed["url"].removeprefix(public))  # as the proxy in front passes it on
             assert r.status_code == 303 and "; Secure" in r.headers["set-cookie"]
+            page = b.get(r.headers["location"], headers={"Cookie": f"{COOKIE}={b.cookies[COOKIE]}"})
+            assert page.status_code == 200 and "Dask" in page.text
         ws_url = prefix(svc, c["id"]).replace("http://", "ws://") + "/status/ws"
         bearer = {"Authorization": "Bearer token-alpha"}
-        with ws_connect(ws_url, additional_headers=bearer, origin=public, open_timeout=30):  # type: ignore[arg-type]
-            pass
+        with ws_connect(ws_url, additional_headers=bearer, origin=public, open_timeout=30,  # type: ignore[arg-type]
+                        subprotocols=["bokeh", bokeh_token(page.text)]) as ws:  # type: ignore[list-item]
+            assert json.loads(ws.recv(timeout=30))["msgtype"] == "ACK"
         with pytest.raises(InvalidStatus) as info:
             ws_connect(ws_url, additional_headers=bearer, origin=svc.url, open_timeout=30)  # type: ignore[arg-type]
         assert info.value.response.status_code == 403

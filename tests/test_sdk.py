@@ -53,7 +53,8 @@ def prov(service: ServiceProcess, no_leaks: None) -> Iterator[Provisioner]:
 
 # (pydantic is not here: typer itself depends on it.)
 SERVER_ONLY = {"fastapi", "sqlalchemy", "uvicorn", "api", "clusters", "starlette",
-               "pydantic_settings", "kazoo", "prometheus_client", "cryptography", "bokeh"}
+               "pydantic_settings", "kazoo", "prometheus_client", "cryptography", "bokeh",
+               "websockets", "wsproto"}
 
 
 def test_import_is_light() -> None:
