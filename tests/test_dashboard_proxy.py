@@ -555,6 +555,10 @@ def test_a_browser_renders_the_dashboard_from_a_signed_link(
         if response.url.startswith(service.url) and response.status >= 400:
             failures.append(f"{response.status} {response.url}")
 
+    def on_failed(request: Any) -> None:
+        if request.url.startswith(service.url):
+            failures.append(f"failed {request.url}: {request.failure}")
+
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
@@ -563,7 +567,7 @@ def test_a_browser_renders_the_dashboard_from_a_signed_link(
             page = context.new_page()
             page.on("websocket", on_socket)
             page.on("response", on_response)
-            page.on("requestfailed", lambda r: failures.append(f"failed {r.url}: {r.failure}"))
+            page.on("requestfailed", on_failed)
             page.goto(signed["url"], wait_until="load", timeout=120_000)
             # Redirected to the page without the token, with a session cookie.
             assert page.url == a["dashboard_url"], page.url
@@ -581,9 +585,10 @@ def test_a_browser_renders_the_dashboard_from_a_signed_link(
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot))
             canvases = page.locator("canvas").count()
+            seen = [dict(s) for s in sockets]  # before closing the browser closes them
         finally:
             context.close()
-    (ws,) = [s for s in sockets if s["url"].endswith(f"/clusters/{a['id']}/dashboard/status/ws")]
+    (ws,) = [s for s in seen if s["url"].endswith(f"/clusters/{a['id']}/dashboard/status/ws")]
     assert ws["frames"] > 0 and not ws["closed"], ws
     assert not failures, failures
     assert canvases >= 3, canvases
