@@ -66,6 +66,10 @@ class UpstreamError(Exception):
     """The scheduler could not be reached, or answered beyond what is relayed (a 502)."""
 
 
+class TooManySockets(Exception):
+    """A tenant holds as many dashboard websockets as it may (a 429)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     """One cluster's scheduler HTTP server, and the client that talks to it."""
@@ -128,8 +132,8 @@ class Upstreams:
     def socket_slot(self, tenant: str) -> Iterator[None]:
         """Count one of ``tenant``'s websockets while it lasts; refuse past the bound."""
         if self._sockets[tenant] >= MAX_SOCKETS_PER_TENANT:
-            raise UpstreamError(f"too many dashboard websockets open (at most "
-                                f"{MAX_SOCKETS_PER_TENANT} per tenant)")
+            raise TooManySockets(f"too many dashboard websockets open (at most "
+                                 f"{MAX_SOCKETS_PER_TENANT} per tenant)")
         self._sockets[tenant] += 1
         try:
             yield

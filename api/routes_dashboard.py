@@ -20,7 +20,15 @@ from starlette.requests import HTTPConnection
 from api.auth import current_tenant, get_provisioner
 from api.dashboard_auth import MAX_LINK_TTL, Access, authenticate, new_link, session_cookie
 from api.dashboard_paths import LANDING, BadPath, Target, split_query, target
-from api.dashboard_proxy import UpstreamError, Upstreams, forward, open_socket, relay, subprotocols
+from api.dashboard_proxy import (
+    TooManySockets,
+    UpstreamError,
+    Upstreams,
+    forward,
+    open_socket,
+    relay,
+    subprotocols,
+)
 from api.schemas import DashboardLink, ErrorOut
 from api.urls import dashboard_base, is_secure, public_base
 from clusters.logs import cluster_log
@@ -99,6 +107,7 @@ def _with_session(response: Response, conn: HTTPConnection, access: Access,
 @router.api_route("/clusters/{cluster_id}/dashboard/{path:path}", methods=METHODS,
                   include_in_schema=False)
 async def dashboard(cluster_id: str, request: Request) -> Response:
+    """One dashboard page or asset, for the cluster's own tenant only."""
     where, query, query_link, access, record = await _resolve(request, cluster_id)
     if query_link and access.by_link and request.method in ("GET", "HEAD"):
         # A clicked link: the browser gets its session, then the same page without the
@@ -139,13 +148,17 @@ async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
 
 @router.websocket("/clusters/{cluster_id}/dashboard/{path:path}")
 async def dashboard_socket(websocket: WebSocket, cluster_id: str) -> None:
+    """The dashboard's websockets, relayed once the caller and its cluster check out; a
+    refusal is an HTTP answer to the handshake (401, 403, 404, 409, 502)."""
+    tenant = "-"
     try:
         if not _allowed_origin(websocket):
             raise HTTPException(403, "websocket from a page outside the service")
         where, query, _, access, record = await _resolve(websocket, cluster_id)
+        tenant = access.tenant.name
         upstreams = _upstreams(websocket)
         upstream = await upstreams.get(record)
-        with upstreams.socket_slot(access.tenant.name):
+        with upstreams.socket_slot(tenant):
             socket = await open_socket(upstream, cluster_id, where.upstream, query,
                                        subprotocols(websocket))
             await relay(websocket, socket, cluster_id)
@@ -155,6 +168,8 @@ async def dashboard_socket(websocket: WebSocket, cluster_id: str) -> None:
         await _deny(websocket, 404, f"cluster {exc.args[0]!s} not found")
     except Conflict as exc:
         await _deny(websocket, 409, str(exc))
+    except TooManySockets as exc:
+        await _deny(websocket, 429, str(exc))
     except UpstreamError as exc:
-        cluster_log(logger, access.tenant.name, cluster_id).warning("dashboard: %s", exc)
+        cluster_log(logger, tenant, cluster_id).warning("dashboard: %s", exc)
         await _deny(websocket, 502, str(exc))

@@ -4,6 +4,7 @@ certificate, and no path through the proxy reaches the service's control routes.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -23,6 +24,7 @@ from websockets.sync.client import connect as ws_connect
 
 from api.dashboard_auth import LINK, SESSION, sign, verify
 from api.dashboard_paths import BadPath, location_inside, target
+from api.dashboard_proxy import MAX_SOCKETS_PER_TENANT, TooManySockets, Upstreams
 from provisioner.watch import client_context
 from tests.intrusion import tls_without_client_certificate_refused
 from tests.service import ServiceProcess, tenant, wait_until
@@ -155,6 +157,19 @@ def test_redirects_pass_only_inside_the_dashboard() -> None:
                     "../../../../dask-provisioner/report", "%2e%2e/%2e%2e/%2e%2e/x", "/tenants/me",
                     "javascript:alert(1)", " /x"):
         assert not location_inside(outside, here, "c-abc"), outside
+
+
+def test_websockets_are_bounded_per_tenant() -> None:
+    pool = Upstreams(records=None)  # type: ignore[arg-type]
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_SOCKETS_PER_TENANT):
+            held.enter_context(pool.socket_slot("alpha"))
+        with pytest.raises(TooManySockets):
+            held.enter_context(pool.socket_slot("alpha"))
+        with pool.socket_slot("beta"):  # another tenant is not held back
+            pass
+    with pool.socket_slot("alpha"):  # all given back
+        pass
 
 
 # -- through the service ---------------------------------------------------------------------
