@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import quote, unquote, unquote_plus, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import (
+    quote,
+    quote_from_bytes,
+    unquote,
+    unquote_plus,
+    unquote_to_bytes,
+    urljoin,
+    urlsplit,
+)
 
 from clusters.runner import dashboard_prefix
 
@@ -73,20 +81,25 @@ def target(raw_path: bytes, cluster_id: str) -> Target:
                   root=not any(segments))
 
 
+#: Characters a query part keeps as they came (escapes included); any other byte is escaped.
+_QUERY_SAFE = "!$'()*+,;=:@/?%~-._"
+
+
 def split_query(query: bytes) -> tuple[str | None, str]:
-    """A link token given as ``?token=``, and the rest of the query, as it came."""
+    """A link token given as ``?token=``, and the rest of the query as it came (bytes that
+    may not stand in a URL escaped)."""
     if len(query) > MAX_QUERY:
         raise BadPath("query too long")
     token = None
     kept = []
-    for part in query.decode("latin-1").split("&"):
+    for part in query.split(b"&"):
         if not part:
             continue
-        name, _, value = part.partition("=")
+        name, _, value = part.decode("latin-1").partition("=")
         if unquote_plus(name) == "token":
             token = token if token is not None else unquote_plus(value)
             continue
-        kept.append(part)
+        kept.append(quote_from_bytes(part, safe=_QUERY_SAFE))
     return token, "&".join(kept)
 
 
