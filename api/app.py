@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import routes_clusters, routes_tenants
+from api import routes_clusters, routes_dashboard, routes_tenants
+from api.dashboard_proxy import Upstreams
 from provisioner import __version__
 from provisioner.service import Conflict, InvalidRequest, NotFound, Provisioner, QuotaExceeded
 
@@ -129,6 +130,7 @@ def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastA
         try:
             yield
         finally:
+            await app.state.dashboards.close()
             if manage_lifecycle:
                 await provisioner.stop()
 
@@ -139,7 +141,9 @@ def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastA
         lifespan=lifespan,
     )
     app.state.provisioner = provisioner
+    app.state.dashboards = Upstreams(provisioner.records)
     app.include_router(routes_clusters.router)
+    app.include_router(routes_dashboard.router)
     app.include_router(routes_tenants.router)
 
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]

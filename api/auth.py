@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from provisioner.service import Provisioner
 from provisioner.tenants import Tenant
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant's token")
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def get_provisioner(request: Request) -> Provisioner:
-    return request.app.state.provisioner
+def get_provisioner(conn: HTTPConnection) -> Provisioner:
+    return conn.app.state.provisioner
+
+
+def bearer_token(conn: HTTPConnection) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (any request, websockets too)."""
+    scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def tenant_for(service: Provisioner, token: str) -> Tenant:
+    """The tenant holding ``token``, or 401."""
+    tenant = service.tenants.authenticate(token)
+    if tenant is None:
+        raise HTTPException(401, "invalid token", headers=CHALLENGE)
+    return tenant
 
 
 def current_tenant(
-    request: Request,
+    conn: HTTPConnection,
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> Tenant:
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(401, "missing bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
-    tenant = get_provisioner(request).tenants.authenticate(credentials.credentials)
-    if tenant is None:
-        raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-    return tenant
+        raise HTTPException(401, "missing bearer token", headers=CHALLENGE)
+    return tenant_for(get_provisioner(conn), credentials.credentials)

@@ -17,6 +17,7 @@ from api.schemas import (
     ErrorOut,
     ScaleRequest,
 )
+from api.urls import public_base
 from provisioner.models import CLUSTER_ID_PATTERN, Status
 from provisioner.service import ClusterRequest, Conflict, Provisioner
 from provisioner.tenants import Tenant
@@ -30,13 +31,16 @@ router = APIRouter(
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 ServiceDep = Annotated[Provisioner, Depends(get_provisioner)]
+#: The service's public base URL: cluster JSON links the dashboard through the service.
+BaseDep = Annotated[str, Depends(public_base)]
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait until running")]
 
 
 @router.post("", status_code=201, response_model=ClusterOut,
              responses={403: {"model": ErrorOut}})
 async def create_cluster(
-    tenant: TenantDep, service: ServiceDep, body: ClusterCreate | None = None, wait: Wait = 0
+    tenant: TenantDep, service: ServiceDep, base: BaseDep, body: ClusterCreate | None = None,
+    wait: Wait = 0,
 ) -> ClusterOut:
     body = body or ClusterCreate()
     request = ClusterRequest(
@@ -54,13 +58,14 @@ async def create_cluster(
     record = await service.create(tenant, request)
     if wait:
         record = await service.wait(tenant, record.id, wait)
-    return ClusterOut.of(record)
+    return ClusterOut.of(record, base)
 
 
 @router.get("", response_model=ClusterList)
 async def list_clusters(
     tenant: TenantDep,
     service: ServiceDep,
+    base: BaseDep,
     status: Status | None = None,
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
@@ -68,41 +73,41 @@ async def list_clusters(
                                        description="`next` of the last page")] = None,
 ) -> ClusterList:
     records, next_id = await service.list(tenant, status, project, limit, after)
-    return ClusterList(clusters=[ClusterOut.of(r) for r in records], next=next_id)
+    return ClusterList(clusters=[ClusterOut.of(r, base) for r in records], next=next_id)
 
 
 @router.get("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})
 async def get_cluster(
-    cluster_id: str, tenant: TenantDep, service: ServiceDep, wait: Wait = 0
+    cluster_id: str, tenant: TenantDep, service: ServiceDep, base: BaseDep, wait: Wait = 0
 ) -> ClusterOut:
     if wait:
-        return ClusterOut.of(await service.wait(tenant, cluster_id, wait))
-    return ClusterOut.of(await service.get(tenant, cluster_id))
+        return ClusterOut.of(await service.wait(tenant, cluster_id, wait), base)
+    return ClusterOut.of(await service.get(tenant, cluster_id), base)
 
 
 @router.post("/{cluster_id}/scale", response_model=ClusterOut,
              responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut},
                         409: {"model": ErrorOut}})
 async def scale_cluster(
-    cluster_id: str, body: ScaleRequest, tenant: TenantDep, service: ServiceDep
+    cluster_id: str, body: ScaleRequest, tenant: TenantDep, service: ServiceDep, base: BaseDep
 ) -> ClusterOut:
-    return ClusterOut.of(await service.scale(tenant, cluster_id, body.workers))
+    return ClusterOut.of(await service.scale(tenant, cluster_id, body.workers), base)
 
 
 @router.post("/{cluster_id}/adapt", response_model=ClusterOut,
              responses={403: {"model": ErrorOut}, 404: {"model": ErrorOut},
                         409: {"model": ErrorOut}})
 async def adapt_cluster(
-    cluster_id: str, body: AdaptRequest, tenant: TenantDep, service: ServiceDep
+    cluster_id: str, body: AdaptRequest, tenant: TenantDep, service: ServiceDep, base: BaseDep
 ) -> ClusterOut:
-    return ClusterOut.of(await service.adapt(tenant, cluster_id, body.minimum, body.maximum))
+    return ClusterOut.of(await service.adapt(tenant, cluster_id, body.minimum, body.maximum), base)
 
 
 @router.delete("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})
 async def delete_cluster(
-    cluster_id: str, tenant: TenantDep, service: ServiceDep
+    cluster_id: str, tenant: TenantDep, service: ServiceDep, base: BaseDep
 ) -> ClusterOut:
-    return ClusterOut.of(await service.delete(tenant, cluster_id))
+    return ClusterOut.of(await service.delete(tenant, cluster_id), base)
 
 
 @router.get("/{cluster_id}/credentials", response_model=Credentials,

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from api.urls import dashboard_url
 from clusters.runtime_env import check_env
 from provisioner.models import ClusterRecord
 from provisioner.sizes import MAX_SECONDS, parse_bytes, parse_seconds
@@ -91,10 +92,13 @@ class ClusterOut(BaseModel):
     stop_reason: str | None
 
     @classmethod
-    def of(cls, r: ClusterRecord) -> ClusterOut:
+    def of(cls, r: ClusterRecord, base: str) -> ClusterOut:
+        """The cluster as a tenant sees it; ``base`` is the service's public URL. The record's
+        own dashboard URL is the scheduler's (an upstream of the proxy), never shown."""
+        dashboard = dashboard_url(base, r.id) if r.dashboard_url and not r.status.terminal else None
         return cls(
             id=r.id, tenant=r.tenant, project=r.project, status=r.status.value,
-            scheduler_address=r.scheduler_address, dashboard_url=r.dashboard_url,
+            scheduler_address=r.scheduler_address, dashboard_url=dashboard,
             workers=WorkerCounts(requested=r.workers_requested, running=r.workers_running),
             worker_cores=r.worker_cores, worker_memory=r.worker_memory,
             adaptive=AdaptiveOut(minimum=r.adaptive_minimum or 0, maximum=r.adaptive_maximum)
@@ -119,6 +123,17 @@ class Credentials(BaseModel):
     tls_ca: str
     tls_cert: str
     tls_key: str
+
+
+class DashboardLink(BaseModel):
+    """A signed link to a cluster's dashboard, for a browser (no token needed)."""
+
+    url: str = Field(description="the dashboard's status page; opening it starts a browser "
+                                 "session on this cluster's dashboard (a cookie)")
+    path_url: str = Field(description="the dashboard's root with the link in its path, for "
+                                      "tools that append pages to a URL (the JupyterLab "
+                                      "Dask extension)")
+    expires_at: int = Field(description="epoch seconds after which the link is refused")
 
 
 class TenantOut(BaseModel):

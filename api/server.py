@@ -110,7 +110,7 @@ def run(app: FastAPI, settings: Settings, log_level: str = "info") -> None:
         # the number of one just closed can lose its registration and its exit is never seen.
         loop="asyncio",
         http=protocol_class(settings.header_timeout, settings.http_parser),
-        ws="none",  # nothing here speaks WebSocket: no upgrade for a client to hold open
+        ws="wsproto",  # dashboards' websockets; wsproto logs no error for a refused handshake
         timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
         # uvicorn counts the connection asking too: this serves max_connections at once.
         limit_concurrency=settings.max_connections + 1,

@@ -128,6 +128,7 @@ def serve(
         help="seconds a client has to send a request's headers [default: 10]")] = None,
     body_timeout: Annotated[Optional[float], typer.Option(  # noqa: UP045
         help="seconds a client has to send a request's body [default: 30]")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="URL tenants reach the service at, behind a proxy")] = None,  # noqa: UP045
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the service (local backend and an SQLite file unless told otherwise)."""
@@ -150,7 +151,7 @@ def serve(
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
         "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
         "max_connections": max_connections, "header_timeout": header_timeout,
-        "body_timeout": body_timeout,
+        "body_timeout": body_timeout, "public_url": public_url,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})

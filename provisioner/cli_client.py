@@ -249,6 +249,25 @@ def show(cluster_id: ClusterId, url: Url = None, token: Token = None, as_json: A
 
 
 @clusters_app.command()
+def dashboard(
+    cluster_id: ClusterId,
+    url: Url = None,
+    token: Token = None,
+    ttl: Annotated[Optional[float], typer.Option(help="seconds the link stays valid")] = None,  # noqa: UP045
+    as_json: AsJson = False,
+) -> None:
+    """A signed link that opens the cluster's dashboard in a browser, without the token."""
+    with service(url, token) as prov:
+        link = prov.dashboard_link(cluster_id, ttl)
+    if as_json:
+        _print_json({"url": link.url, "path_url": link.path_url, "expires_at": link.expires_at})
+        return
+    typer.echo(link.url)
+    err.print(f"valid until {_when(link.expires_at)}; for the JupyterLab Dask extension: "
+              f"{link.path_url}", highlight=False, soft_wrap=True)
+
+
+@clusters_app.command()
 def scale(
     cluster_id: ClusterId,
     workers: Annotated[int, typer.Argument(help="number of workers wanted")],

@@ -33,6 +33,7 @@ __all__ = [
     "AuthenticationError",
     "ClusterInfo",
     "ClusterNotFound",
+    "DashboardLink",
     "ProvisionedCluster",
     "Provisioner",
     "ProvisionerError",
@@ -50,6 +51,8 @@ MAX_POLL = 60.0
 DEFAULT_START_TIMEOUT = 300.0
 #: Clusters asked for per request when listing; the SDK follows `next` to the end.
 LIST_PAGE = 500
+#: A cluster's signed dashboard link is fetched again this long before it expires.
+LINK_MARGIN = 60.0
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -155,6 +158,27 @@ class ClusterInfo:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class DashboardLink:
+    """A signed link to a cluster's dashboard through the service, for a browser.
+
+    ``url`` opens the dashboard (and a browser session on it); ``path_url`` carries the
+    link in its path, for tools that append pages to a URL (the JupyterLab Dask extension).
+    """
+
+    url: str
+    path_url: str
+    expires_at: float
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DashboardLink:
+        return cls(url=str(data["url"]), path_url=str(data["path_url"]),
+                   expires_at=float(data["expires_at"]))
+
+    def fresh(self, margin: float = LINK_MARGIN) -> bool:
+        return self.expires_at - time.time() > margin
 
 
 def security_from_credentials(credentials: dict[str, Any]) -> Security:
@@ -276,6 +300,11 @@ class Provisioner(SyncMethodMixin):
     async def _credentials(self, cluster_id: str) -> dict[str, Any]:
         return await self._request("GET", f"/clusters/{cluster_id}/credentials")
 
+    async def _dashboard_link(self, cluster_id: str, ttl: float | None = None) -> DashboardLink:
+        params = {"ttl": ttl} if ttl is not None else None
+        data = await self._request("GET", f"/clusters/{cluster_id}/dashboard-link", params=params)
+        return DashboardLink.from_json(data)
+
     async def _tenant(self) -> dict[str, Any]:
         return await self._request("GET", "/tenants/me")
 
@@ -358,6 +387,11 @@ class Provisioner(SyncMethodMixin):
         """The ``Security`` to reach a TLS cluster: ``Client(address, security=...)``."""
         return self._sync(self._security, cluster_id)
 
+    def dashboard_link(self, cluster_id: str, ttl: float | None = None) -> Any:
+        """A signed ``DashboardLink`` to open the cluster's dashboard in a browser (no
+        token needed); valid for ``ttl`` seconds (the service's default when None)."""
+        return self._sync(self._dashboard_link, cluster_id, ttl)
+
     def tenant(self) -> Any:
         """``GET /tenants/me``: quota, current usage and defaults."""
         return self._sync(self._tenant)
@@ -418,6 +452,7 @@ class ProvisionedCluster(Cluster):
         self.info = info
         self.shutdown_on_close = shutdown_on_close
         self.security: Security = Security()
+        self._dashboard: DashboardLink | None = None
         _live.add(self)
 
     @classmethod
@@ -448,6 +483,14 @@ class ProvisionedCluster(Cluster):
             raise ProvisionerError(f"cluster {self.info.id} has no scheduler address yet")
         self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
         await super()._start()
+        await self._fetch_dashboard_link()
+
+    async def _fetch_dashboard_link(self) -> None:
+        """Best effort: without a link, ``dashboard_link`` shows the proxy's plain URL."""
+        try:
+            self._dashboard = await self.provisioner._dashboard_link(self.info.id)
+        except ProvisionerError as exc:
+            logger.debug("no dashboard link for %s: %s", self.info.id, exc)
 
     # -- scaling, done by the service -------------------------------------------------------
 
@@ -512,7 +555,16 @@ class ProvisionedCluster(Cluster):
 
     @property
     def dashboard_link(self) -> str:
-        return self.info.dashboard_url or super().dashboard_link
+        """The dashboard through the service, as a signed link a browser opens without the
+        tenant's token (fetched again near its expiry); the plain proxy URL, which needs
+        the token, when no link can be had. Never the scheduler's own address."""
+        if (self._dashboard is None or not self._dashboard.fresh()) and not self.asynchronous \
+                and self.status == Status.running:
+            with contextlib.suppress(Exception):  # e.g. called on the event loop's own thread
+                self.sync(self._fetch_dashboard_link)
+        if self._dashboard is not None and self._dashboard.fresh(0):
+            return self._dashboard.url
+        return self.info.dashboard_url or ""
 
     def _scaling_status(self) -> str:
         if self.info.adaptive:

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     orphan_lease: float = Field(default=600, ge=0)
     #: Seconds the scheduler plugin holds a long-poll open when nothing changes.
     report_timeout: float = Field(default=15, gt=0)
+    #: The service's origin as tenants reach it (``https://dask.example.com``) when it runs
+    #: behind a proxy; dashboard links are built on it. Unset: each request's own base URL.
+    #: An origin only: dashboards use absolute paths, so the service sits at its root.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#@]+/?$")
+    #: Seconds a signed dashboard link (``GET /clusters/{id}/dashboard-link``) stays valid
+    #: unless the request asks for another lifetime.
+    dashboard_link_ttl: float = Field(default=900, ge=10, le=86400)
+    #: Seconds the browser session a signed link opens (its cookie) stays valid.
+    dashboard_session_ttl: float = Field(default=12 * 3600, ge=60, le=7 * 86400)
 
     def private_files(self) -> list[Path]:
         """The service's files that cluster processes must never see, besides its data folder:

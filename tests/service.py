@@ -119,6 +119,12 @@ class ServiceProcess:
         with self.client(name) as http:
             return http.get(f"/clusters/{cluster_id}").json()
 
+    def upstream(self, cluster_id: str) -> str:
+        """The scheduler's own HTTP(S) URL, as the service keeps it for its dashboard proxy
+        (never shown to tenants)."""
+        ((url,),) = self.sql("select dashboard_url from clusters where id = :id", id=cluster_id)
+        return url
+
     def signal(self, sig: int) -> int:
         assert self.proc is not None
         self.proc.send_signal(sig)

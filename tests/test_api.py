@@ -45,8 +45,12 @@ def test_create_wait_returns_running_cluster_a_client_computes_on(
     for field in ("id", "dashboard_url", "adaptive", "idle_timeout", "created_at",
                   "stopped_at", "stop_reason"):
         assert field in c
-    assert c["dashboard_url"].startswith("http://127.0.0.1:")
-    assert httpx.get(c["dashboard_url"], timeout=30, follow_redirects=True).status_code == 200
+    # The dashboard is the service's proxy of it, with the tenant's token; never the scheduler.
+    assert c["dashboard_url"] == f"{service.url}/clusters/{c['id']}/dashboard/status"
+    with service.client("alpha") as http:
+        page = http.get(c["dashboard_url"])
+    assert page.status_code == 200 and "Dask" in page.text, page.text[:300]
+    assert service.upstream(c["id"]).startswith("https://127.0.0.1:")
     security = service.security("alpha", c["id"])
     with Client(c["scheduler_address"], security=security, timeout=30) as client:
         client.wait_for_workers(1, timeout=60)

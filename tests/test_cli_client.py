@@ -75,6 +75,14 @@ def test_cluster_commands(cli: CliRunner, app: typer.Typer, service: ServiceProc
     assert cluster_id in {c["id"] for c in json.loads(stdout)}
     stdout, _ = run(cli, app, "clusters", "show", cluster_id)
     assert cluster_id in stdout and "scheduler" in stdout
+    # The dashboard row is the service's proxy, never the scheduler's own address.
+    assert f"{service.url}/clusters/{cluster_id}/dashboard/status" in stdout
+    stdout, stderr = run(cli, app, "clusters", "dashboard", cluster_id, "--ttl", "120")
+    link = stdout.strip()
+    assert link.startswith(f"{service.url}/clusters/{cluster_id}/dashboard/status?token="), link
+    assert "JupyterLab" in stderr and f"/clusters/{cluster_id}/dashboard/t/" in stderr
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:  # the link alone, no token
+        assert browser.get(link).status_code == 200
 
     stdout, _ = run(cli, app, "clusters", "scale", cluster_id, "2")
     assert "2 workers requested" in stdout

@@ -1076,6 +1076,17 @@ def test_flags_and_extras(renderer):
     assert service["spec"]["type"] == "NodePort" and service["spec"]["ports"][0]["port"] == 80
 
 
+def test_public_url_reaches_the_service(renderer, schema, defaults):
+    """Behind an Ingress, dashboard links are built on the public origin."""
+    assert "PROVISIONER_PUBLIC_URL" not in env_of(container(renderer.manifests({})))
+    docs = renderer.manifests({"server": {"publicUrl": "https://dask.example.com"}})
+    assert env_of(container(docs))["PROVISIONER_PUBLIC_URL"]["value"] == "https://dask.example.com"
+    validator = jsonschema.Draft7Validator(schema)
+    for bad in ("dask.example.com", "https://dask.example.com/provisioner", "ftp://x"):
+        values = {**defaults, "server": {**defaults["server"], "publicUrl": bad}}
+        assert list(validator.iter_errors(values)), bad
+
+
 def test_existing_claim_and_no_persistence(renderer):
     docs = renderer.manifests({"persistence": {"existingClaim": "old-data"}})
     assert "PersistentVolumeClaim" not in [d["kind"] for d in docs]

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 from distributed import Client
 
@@ -156,10 +155,15 @@ def test_lifecycle_compute_scale_reap_delete(mesos: MakeMaster, make_service: Ma
     offered = master.state()["agents"][0]["total"]
     ports = next(r["ranges"]["range"][0] for r in offered if r["name"] == "ports")
     assert ports["begin"] <= port <= ports["end"], (port, ports)  # a port from the offer
-    # The dashboard listens on a second port of the offer.
-    dashboard_port = int(c["dashboard_url"].split(":")[2].split("/")[0])
+    # The dashboard listens on a second port of the offer (the record's upstream, which the
+    # service proxies; tenants only see the proxy's URL).
+    upstream = svc.upstream(cid)
+    assert upstream.startswith("https://127.0.0.1:"), upstream
+    dashboard_port = int(upstream.rsplit(":", 1)[1])
     assert ports["begin"] <= dashboard_port <= ports["end"] and dashboard_port != port
-    assert httpx.get(c["dashboard_url"], timeout=30, follow_redirects=True).status_code == 200
+    assert c["dashboard_url"] == f"{svc.url}/clusters/{cid}/dashboard/status"
+    with svc.client("acme") as http:
+        assert http.get(c["dashboard_url"]).status_code == 200
     fw = framework(master)
     assert fw["roles"] == ["acme"] and "MULTI_ROLE" in fw["capabilities"]
     names = computes(svc, "acme", c, 1)

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import dask.config
@@ -52,7 +53,8 @@ def prov(service: ServiceProcess, no_leaks: None) -> Iterator[Provisioner]:
 
 # (pydantic is not here: typer itself depends on it.)
 SERVER_ONLY = {"fastapi", "sqlalchemy", "uvicorn", "api", "clusters", "starlette",
-               "pydantic_settings", "kazoo", "prometheus_client", "cryptography", "bokeh"}
+               "pydantic_settings", "kazoo", "prometheus_client", "cryptography", "bokeh",
+               "websockets", "wsproto"}
 
 
 def test_import_is_light() -> None:
@@ -131,7 +133,18 @@ def test_sync_cluster_lifecycle(prov: Provisioner, service: ServiceProcess) -> N
             with Client(cluster.scheduler_address, security=security) as plain:
                 assert plain.submit(lambda: "secure").result(timeout=60) == "secure"
         wait_until(lambda: cluster.scheduler_info["workers"], 30, what="worker in scheduler_info")
-        assert cluster.dashboard_link.startswith("http")
+        # The dashboard through the service, as a signed link a browser opens without the
+        # token (the link opens a session: a cookie, then the page).
+        link = cluster.dashboard_link
+        assert link.startswith(f"{service.url}/clusters/{cluster.cluster_id}/dashboard/status"
+                               "?token="), link
+        with httpx.Client(follow_redirects=True, timeout=30) as browser:
+            page = browser.get(link)
+            assert page.status_code == 200 and "Dask" in page.text
+            assert browser.cookies.get("provisioner-dashboard")
+        assert cluster.dashboard_link == link  # fetched again only near its expiry
+        signed = prov.dashboard_link(cluster.cluster_id, ttl=60)
+        assert signed.url != link and 0 < signed.expires_at - time.time() <= 60
         assert cluster.cluster_id in cluster._repr_html_()
         assert cluster.cluster_id in repr(cluster)
 
