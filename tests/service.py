@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import yaml
 
+from clusters import cgroups
 from clusters.local.backend import OWNER_VAR, owned_processes, owner_key
 from clusters.local.procs import ProcessRef, is_alive, ref_for
 from provisioner.tenants import hash_token
@@ -207,6 +208,9 @@ class ServiceProcess:
         deadline = time.monotonic() + 10
         while any(is_alive(r) for r in self.owned()) and time.monotonic() < deadline:
             time.sleep(0.1)
+        tree = cgroups.detect(f"dask-provisioner/{owner_key(self.data_dir)}")
+        if tree is not None:  # whatever a cluster's processes started, wherever it went
+            tree.remove(())
 
 
 def live_ids(service: ServiceProcess, name: str) -> set[str]:

@@ -10,7 +10,12 @@ from distributed import Client
 from sqlalchemy.engine import make_url
 
 from tests.conftest import SERVICE_SECRET
-from tests.intrusion import client_refused, tls_without_client_certificate_refused, worker_cannot_join
+from tests.intrusion import (
+    client_refused,
+    poisoned_reports_are_harmless,
+    tls_without_client_certificate_refused,
+    worker_cannot_join,
+)
 from tests.service import ServiceProcess, tenant, wait_until
 from tests.test_mesos_backend import RUNNER, MakeMaster, MakeService, mesos, running_ids
 
@@ -74,3 +79,15 @@ def test_tls_env_and_scheduler_loss_on_mesos(mesos: MakeMaster, make_service: Ma
             "clusters": 0, "cores": 0.0, "memory": 0, "workers": 0}
     with svc.client("blue") as http:
         assert http.get(f"/clusters/{blue['id']}").json()["status"] == "running"
+
+
+def test_poisoned_reports_from_a_mesos_scheduler_are_harmless(
+        mesos: MakeMaster, make_service: MakeService, tmp_path: Path) -> None:
+    """Class 1 of the hostile-tenant tests on Mesos: what a scheduler task sends the service
+    is never unpickled or trusted (tests/intrusion.py has the attempts)."""
+    master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
+    args = ["--backend", "mesos", "--mesos-master", master.address, "--mesos-command", RUNNER]
+    svc: ServiceProcess = make_service([tenant("red", cores=3)], args=args,
+                                       env={"PROVISIONER_MESOS_KILL_GRACE": "2"}).start()
+    c = svc.create("red", workers=1)
+    poisoned_reports_are_harmless(svc, "red", c, tmp_path / "pwned")

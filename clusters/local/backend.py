@@ -270,8 +270,8 @@ class LocalBackend(Backend):
             task.cancel()
         self._clusters.pop(cluster_id, None)
         await self._save(cluster_id)
-        for folder in (cluster.directory, cluster.logs):
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+        # Its folder goes with it; its logs (the service's) stay for whoever investigates.
+        await asyncio.to_thread(shutil.rmtree, cluster.directory, True)
 
     def live_workers(self, cluster_id: str) -> set[str]:
         cluster = self._clusters.get(cluster_id)

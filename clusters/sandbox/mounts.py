@@ -94,6 +94,15 @@ def enter_private_root(home: str, hidden: Iterable[str], shm_bytes: int, tmp_byt
     cluster folder's path inside it. ``home`` and ``hidden`` are paths of the host."""
     home = os.path.realpath(home)
     runtime = runtime_paths()
+    umask = os.umask(0o022)  # the folders made here must be open to the tenant's user
+    try:
+        return _build(home, runtime, hidden, shm_bytes, tmp_bytes)
+    finally:
+        os.umask(umask)
+
+
+def _build(home: str, runtime: list[str], hidden: Iterable[str], shm_bytes: int,
+           tmp_bytes: int) -> str:
     unshare(_CLONE_NEWNS | _CLONE_NEWIPC)
     mount(None, "/", None, _REC | _PRIVATE)  # nothing done here reaches the host
     # A tmpfs over /tmp becomes the new root; the old one stays reachable (with its own
