@@ -60,7 +60,9 @@ class HeaderDeadline:
             self._arm()
             self._partial = True
         super().data_received(data)  # type: ignore[misc]
-        if self.cycle is not cycle:  # a request's headers were completed by these bytes
+        # Headers complete: a new cycle, or an upgrade that handed the connection to the
+        # websocket protocol (which has no cycle here and must not be cut by our timer).
+        if self.cycle is not cycle or self.transport.get_protocol() is not self:
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 
 class Settings(BaseSettings):
@@ -82,7 +83,10 @@ class Settings(BaseSettings):
         """The service's files that cluster processes must never see, besides its data folder:
         its tenants file, its key file and, on SQLite, its state file and the journals beside it."""
         files = [self.key_file, *([self.tenants] if self.tenants else [])]
-        url = make_url(self.state_url)
+        try:
+            url = make_url(self.state_url)
+        except ArgumentError:
+            return files  # the store says what is wrong with it
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             database = Path(url.database)
             files += [database, *(database.with_name(database.name + suffix)

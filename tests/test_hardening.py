@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -395,21 +397,29 @@ def test_a_body_too_big_without_a_length_is_refused_naming_the_body(
 
 
 def test_a_long_poll_outlives_the_header_timeout(slow_service: ServiceProcess) -> None:
-    """Its headers are in: however long ``?wait=`` holds it, the header limit is not its."""
-    slow_start = f"import time; time.sleep({HEADER_TIMEOUT + 1.5})"  # a scheduler preload
-    with slow_service.client("acme") as http:
-        r = http.post("/clusters", json={
-            "workers": 0, "env": {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": slow_start}})
-        assert r.status_code == 201 and r.json()["status"] == "pending", r.text
-        cluster_id = r.json()["id"]
-        try:
-            start = time.monotonic()
-            r = http.get(f"/clusters/{cluster_id}", params={"wait": 600})
-            took = time.monotonic() - start
-            assert r.status_code == 200 and r.json()["status"] == "running", r.text
-            assert took > HEADER_TIMEOUT + 1, took
-        finally:
-            http.delete(f"/clusters/{cluster_id}")
+    """Its headers are in: however long ``?wait=`` holds it, the header limit is not its.
+    The fork server is frozen meanwhile, so the cluster cannot start before it is thawed."""
+    wait_until(lambda: slow_service.zygotes(), what="the fork server")
+    zygote = slow_service.zygotes()[0]
+    os.kill(zygote, signal.SIGSTOP)
+    thaw = threading.Timer(HEADER_TIMEOUT + 1.5, os.kill, (zygote, signal.SIGCONT))
+    try:
+        with slow_service.client("acme") as http:
+            r = http.post("/clusters", json={"workers": 0})
+            assert r.status_code == 201 and r.json()["status"] in ("pending", "starting"), r.text
+            cluster_id = r.json()["id"]
+            try:
+                thaw.start()
+                start = time.monotonic()
+                r = http.get(f"/clusters/{cluster_id}", params={"wait": 600})
+                took = time.monotonic() - start
+                assert r.status_code == 200 and r.json()["status"] == "running", r.text
+                assert took > HEADER_TIMEOUT + 1, took
+            finally:
+                http.delete(f"/clusters/{cluster_id}")
+    finally:
+        thaw.cancel()
+        os.kill(zygote, signal.SIGCONT)
 
 
 def test_past_max_connections_requests_are_answered_503(make_service: MakeService) -> None:

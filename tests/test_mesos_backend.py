@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from distributed import Client
 
 from clusters.base import ClusterSpec, LaunchError
@@ -315,7 +316,11 @@ def test_sigkill_restart_resubscribes_reconciles_and_keeps_managing(
         mesos: MakeMaster, make_service: MakeService) -> None:
     master = mesos(agents=1, agent_cpus=4, agent_mem=4096)
     svc = on_mesos(make_service, master,
-                   [{**tenant("acme", cores=4), "mesos_role": "eng/acme"}]).start()
+                   [{**tenant("acme", cores=4), "mesos_role": "eng/acme"}])
+    # A fresh machine has only the database and what the operator gives every replica (the
+    # secret key, from a Secret): the key file of the data folder goes below.
+    svc.env["PROVISIONER_SECRET_KEY"] = Fernet.generate_key().decode()
+    svc.start()
     kept = svc.create("acme", workers=1)
     doomed = svc.create("acme", workers=0)
     fw_id = framework(master)["id"]

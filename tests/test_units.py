@@ -12,6 +12,7 @@ from provisioner.quota import QuotaExceeded, Usage, check_fits, workers_that_fit
 from provisioner.reaping import reap_reason
 from provisioner.sizes import parse_bytes, parse_seconds
 from provisioner.tenants import Quota, TenantDirectory, TenantsFileError, hash_token, load_tenants, new_token
+from provisioner.watch import Report
 
 GiB = 2**30
 
@@ -127,11 +128,12 @@ def test_state_machine_refuses_illegal_moves() -> None:
 
 def test_reap_reason() -> None:
     rec = record(idle_timeout=10, no_client_timeout=5)
-    busy = {"busy": True, "idle_for": None, "no_client_for": 100}
+    base = {"version": 1, "workers": [], "clients": 0, "adaptive_target": 0}
+    busy = Report(**base, busy=True, idle_for=None, no_client_for=100)
     assert reap_reason(rec, busy, 50) is None
-    idle_with_client = {"busy": False, "idle_for": 8, "no_client_for": None}
+    idle_with_client = Report(**base, busy=False, idle_for=8, no_client_for=None)
     assert reap_reason(rec, idle_with_client, 1) is None
     assert reap_reason(rec, idle_with_client, 2) is StopReason.IDLE
-    no_client = {"busy": False, "idle_for": 1, "no_client_for": 4}
+    no_client = Report(**base, busy=False, idle_for=1, no_client_for=4)
     assert reap_reason(rec, no_client, 1) is StopReason.NO_CLIENT
     assert reap_reason(rec, None, 100) is None

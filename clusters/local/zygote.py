@@ -37,6 +37,7 @@ import dask.config
 
 from clusters.local.spawn import LOG_FLAGS
 from clusters.runner import run
+from clusters.sandbox.mounts import runtime_paths
 
 CONTROL_FD = 3
 READY_FD = 3
@@ -60,6 +61,7 @@ def _preload() -> None:
             importlib.import_module(name)
         except Exception as exc:  # an optional extra is missing: it is imported later, if at all
             print(f"fork server: not preloading {name}: {exc!r}", file=sys.stderr)
+    runtime_paths()  # what a private root binds, found once for every fork
 
 
 def _fresh_randomness() -> None:

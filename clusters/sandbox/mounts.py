@@ -17,6 +17,7 @@ root takes a few milliseconds.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterable
@@ -37,10 +38,11 @@ _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _NEVER = ("/", "/proc", "/sys", "/dev", "/run", "/tmp", "/home", "/root", "/var")
 
 
-def runtime_paths() -> list[str]:
+@functools.cache
+def runtime_paths() -> tuple[str, ...]:
     """Folders (and zip files) this Python needs, as absolute paths: those on ``sys.path``,
     the prefixes, and the folders of imported top-level packages (editable installs live
-    outside ``sys.path``)."""
+    outside ``sys.path``). Found once per process: a fork server finds them for every fork."""
     found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
     found.update(os.path.abspath(p or os.getcwd()) for p in sys.path)
@@ -53,7 +55,7 @@ def runtime_paths() -> list[str]:
             locations = [os.path.dirname(file)]
         found.update(os.path.abspath(str(p)) for p in locations)
     resolved = {os.path.realpath(p) for p in found}
-    return sorted(p for p in found | resolved if os.path.exists(p) and p not in _NEVER)
+    return tuple(sorted(p for p in found | resolved if os.path.exists(p) and p not in _NEVER))
 
 
 def _bind_read_only(source: str, target: str) -> None:
@@ -101,7 +103,7 @@ def enter_private_root(home: str, hidden: Iterable[str], shm_bytes: int, tmp_byt
         os.umask(umask)
 
 
-def _build(home: str, runtime: list[str], hidden: Iterable[str], shm_bytes: int,
+def _build(home: str, runtime: tuple[str, ...], hidden: Iterable[str], shm_bytes: int,
            tmp_bytes: int) -> str:
     unshare(_CLONE_NEWNS | _CLONE_NEWIPC)
     mount(None, "/", None, _REC | _PRIVATE)  # nothing done here reaches the host
