@@ -69,3 +69,24 @@ def make_service(tmp_path: Path,
     finally:
         for svc in made:
             svc.cleanup()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "state_agnostic: what the test checks cannot depend on which database holds "
+        "the state (HTTP limits, proxying, launchers); run on the SQLite pass only")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On the PostgreSQL pass (PROVISIONER_TEST_DB=postgresql) run what the database can change:
+    tests whose service keeps state in it. The rest already ran on the SQLite pass and would
+    only repeat it; they are deselected (pytest counts them as such, not as passed)."""
+    if os.environ.get("PROVISIONER_TEST_DB", "sqlite") != "postgresql":
+        return
+    keep, drop = [], []
+    for item in items:
+        uses_state = "state_db" in getattr(item, "fixturenames", ())
+        (keep if uses_state and not item.get_closest_marker("state_agnostic") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -20,6 +20,9 @@ from provisioner import cli_client
 from provisioner.client import Provisioner
 from tests.service import ServiceProcess, stopping_new_clusters, wait_until
 
+#: Nothing here depends on the database: the SQLite pass covers it.
+pytestmark = pytest.mark.state_agnostic
+
 
 @pytest.fixture
 def no_leaks(service: ServiceProcess) -> Iterator[None]:

@@ -29,6 +29,9 @@ from provisioner.watch import client_context
 from tests.intrusion import tls_without_client_certificate_refused
 from tests.service import ServiceProcess, tenant, wait_until
 
+#: Nothing here depends on the database: the SQLite pass covers it.
+pytestmark = pytest.mark.state_agnostic
+
 COOKIE = "provisioner-dashboard"
 #: Debian's Chromium: the browser test drives it and never downloads a browser of its own.
 CHROMIUM = "/usr/bin/chromium"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from distributed import Client
 
 from clusters.base import ClusterSpec
@@ -20,6 +21,9 @@ from clusters.local.forkserver import ForkServerLauncher
 from clusters.local.procs import ProcessRef, is_alive, ref_for, terminate
 from clusters.local.spawn import ProcessLauncher
 from tests.service import MiB, ServiceProcess, tenant, wait_until
+
+#: Nothing here depends on the database: the SQLite pass covers it.
+pytestmark = pytest.mark.state_agnostic
 
 MakeService = Callable[..., ServiceProcess]
 SECRET = "DASK_PROVISIONER_TEST_SECRET"

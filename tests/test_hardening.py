@@ -226,6 +226,7 @@ def test_a_wrong_or_missing_key_stops_start_up_naming_the_setting(
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.state_agnostic
 def test_metrics_need_a_token_even_when_none_was_set(service: ServiceProcess) -> None:
     """No PROVISIONER_METRICS_TOKEN: the service made one (0600 in its data folder)."""
     token_file = service.data_dir / "metrics-token"
@@ -308,12 +309,14 @@ def connect(svc: ServiceProcess) -> socket.socket:
     return socket.create_connection(("127.0.0.1", svc.port), timeout=30)
 
 
+@pytest.mark.state_agnostic
 def test_a_silent_connection_is_closed_after_the_header_timeout(slow_service: ServiceProcess) -> None:
     with connect(slow_service) as sock:
         took, said = until_closed(sock)
     assert HEADER_TIMEOUT - 0.3 < took < HEADER_TIMEOUT + SLACK and said == b""
 
 
+@pytest.mark.state_agnostic
 def test_headers_sent_a_byte_at_a_time_are_cut_off(slow_service: ServiceProcess) -> None:
     """A slowloris: a request line, then header bytes that never end."""
     with connect(slow_service) as sock:
@@ -323,6 +326,7 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(slow_service: ServiceProcess)
     assert said.startswith(b"HTTP/1.1 408 "), said
 
 
+@pytest.mark.state_agnostic
 def test_many_slow_clients_are_all_cut_off_while_others_are_served(
     slow_service: ServiceProcess,
 ) -> None:
@@ -346,6 +350,7 @@ def test_many_slow_clients_are_all_cut_off_while_others_are_served(
             sock.close()
 
 
+@pytest.mark.state_agnostic
 def test_a_kept_alive_connection_trickling_its_next_request_is_cut_off(
     slow_service: ServiceProcess,
 ) -> None:
@@ -364,6 +369,7 @@ def _post_head(length: int) -> bytes:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
 
 
+@pytest.mark.state_agnostic
 @pytest.mark.parametrize("trickle", [b"", b" "], ids=["no body", "a byte at a time"])
 def test_a_body_sent_slowly_is_cut_within_the_body_timeout(
     slow_service: ServiceProcess, trickle: bytes,
@@ -379,6 +385,7 @@ def test_a_body_sent_slowly_is_cut_within_the_body_timeout(
         assert http.get("/clusters", params={"project": "slow"}).json()["clusters"] == []
 
 
+@pytest.mark.state_agnostic
 def test_a_body_too_big_without_a_length_is_refused_naming_the_body(
     slow_service: ServiceProcess,
 ) -> None:
@@ -396,6 +403,7 @@ def test_a_body_too_big_without_a_length_is_refused_naming_the_body(
         "body: request body larger than 65536 bytes"
 
 
+@pytest.mark.state_agnostic
 def test_a_long_poll_outlives_the_header_timeout(slow_service: ServiceProcess) -> None:
     """Its headers are in: however long ``?wait=`` holds it, the header limit is not its.
     The fork server is frozen meanwhile, so the cluster cannot start before it is thawed."""
@@ -422,6 +430,7 @@ def test_a_long_poll_outlives_the_header_timeout(slow_service: ServiceProcess) -
         os.kill(zygote, signal.SIGCONT)
 
 
+@pytest.mark.state_agnostic
 def test_past_max_connections_requests_are_answered_503(make_service: MakeService) -> None:
     svc = make_service([tenant("acme")], args=["--max-connections", "3"],
                        env={"PROVISIONER_HEADER_TIMEOUT": "120"}).start()

@@ -12,6 +12,9 @@ from nbclient import NotebookClient
 
 from tests.service import ServiceProcess, wait_until
 
+#: Nothing here depends on the database: the SQLite pass covers it.
+pytestmark = pytest.mark.state_agnostic
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 LIVE = {"pending", "starting", "running"}
 

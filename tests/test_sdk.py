@@ -29,6 +29,9 @@ from provisioner.client import (
 )
 from tests.service import ServiceProcess, stopping_new_clusters, tenant, wait_until
 
+#: Nothing here depends on the database: the SQLite pass covers it.
+pytestmark = pytest.mark.state_agnostic
+
 
 def status_of(service: ServiceProcess, name: str, cluster_id: str) -> str:
     with service.client(name) as http:
