@@ -1,7 +1,8 @@
 """Start latency: dask-provisioner against dask-gateway (local backend), in the same run.
 
 For each system, after a warm-up, runs alternate between the two (so load on the machine
-hits both alike) and time, from the create call:
+hits both alike). Every run is a fresh process running that system's own client as its users
+do (``bench.start_client``), timed from the create call:
 
 * ``task``: one worker requested -> a Client is connected and has computed one task;
 * ``two_workers``: two workers requested -> a Client sees both connected;
@@ -18,15 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import operator
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,10 +32,8 @@ from typing import Any
 
 import distributed
 import httpx
-from distributed import Client
-from distributed.security import Security
 
-from bench.harness import GATEWAY_PASSWORD, TOKEN, dask_children, gateway_server, our_service, write_results
+from bench.harness import TOKEN, gateway_server, our_service, write_results
 
 SCENARIOS = ("task", "two_workers", "scheduler")
 #: Pause after every run (both systems alike) so exiting processes do not load the next run.
@@ -59,86 +55,30 @@ def summary(values: list[float]) -> dict[str, Any]:
             "max": max(values, default=float("nan")), "runs": [round(v, 4) for v in values]}
 
 
-class Ours:
-    """One run on dask-provisioner: REST create (waiting until running), then a Client."""
+class System:
+    """One measured system: each run is ``python -m bench.start_client CLIENT TARGET...``.
 
-    name = "dask-provisioner"
+    Both systems' client code runs in a fresh process per run, as their users run it: the
+    harness shares no event loop, thread, connection or state with either client, so neither
+    side carries the other's or its own earlier runs' leftovers. (dask-gateway's client used
+    to run in a worker thread here, on one IO loop kept for the whole benchmark, with every
+    cluster object kept alive, next to our client; that is not how its users run it.)
+    """
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60,
-                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    def __init__(self, name: str, client: str, *target: object) -> None:
+        self.name = name
+        self.argv = [sys.executable, "-m", "bench.start_client", client, *map(str, target)]
 
-    def _security(self, cluster: dict[str, Any]) -> Security | None:
-        if not cluster.get("tls"):
-            return None
-        creds = self.http.get(f"/clusters/{cluster['id']}/credentials").json()
-        return Security(tls_ca_file=creds["tls_ca"], tls_client_cert=creds["tls_cert"],
-                        tls_client_key=creds["tls_key"], require_encryption=True)
-
-    def run(self, workers: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        response = self.http.post("/clusters", params={"wait": 60}, json={"workers": workers})
-        response.raise_for_status()
-        cluster = response.json()
-        running = time.perf_counter() - t0
+    def run(self, workers: int, timeout: float = 180) -> dict[str, float]:
+        """One timed start in a new process; its last stdout line holds the timings."""
         try:
-            if cluster["status"] != "running":
-                raise RuntimeError(f"cluster not running: {cluster}")
-            with Client(cluster["scheduler_address"], security=self._security(cluster),
-                        timeout=30) as client:
-                if workers == 1:
-                    assert client.submit(operator.add, 1, 1, pure=False).result(timeout=60) == 2
-                else:
-                    client.wait_for_workers(workers, timeout=60)
-                done = time.perf_counter() - t0
-        finally:
-            self.http.delete(f"/clusters/{cluster['id']}")
-            _wait(lambda: self.http.get(f"/clusters/{cluster['id']}").json()["status"]
-                  in ("stopped", "failed"))
-        return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
-
-    def close(self) -> None:
-        self.http.close()
-
-
-class Gateway:
-    """One run on dask-gateway: new_cluster, scale, get_client (as its docs show)."""
-
-    name = "dask-gateway"
-
-    def __init__(self, url: str, proxy: str, pid: int) -> None:
-        from dask_gateway import BasicAuth
-        from dask_gateway import Gateway as GatewayClient
-
-        self.pid = pid
-        self._clusters: list[Any] = []
-        self.gateway = GatewayClient(url, proxy_address=proxy,
-                                     auth=BasicAuth("bench", GATEWAY_PASSWORD))
-
-    def run(self, workers: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        cluster = self.gateway.new_cluster()
-        running = time.perf_counter() - t0
-        # Keep it referenced: its __del__ may otherwise run on the client's loop thread and
-        # deadlock that loop (every later call would hang).
-        self._clusters.append(cluster)
-        try:
-            cluster.scale(workers)
-            with cluster.get_client(set_as_default=False) as client:
-                if workers == 1:
-                    assert client.submit(operator.add, 1, 1, pure=False).result(timeout=60) == 2
-                else:
-                    client.wait_for_workers(workers, timeout=60)
-                done = time.perf_counter() - t0
-        finally:
-            cluster.shutdown()
-            # shutdown() returns before the processes are gone; let them go before the next run
-            _wait(lambda: not dask_children(self.pid))
-        return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # its close() can hang once the loop is gone
-            _bounded(lambda: (self.gateway.close(), {})[1], 10)
+            done = subprocess.run([*self.argv, "--workers", str(workers)], capture_output=True,
+                                  text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise TimeoutError(f"run still going after {timeout:g}s") from exc
+        if done.returncode != 0:
+            raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
+        return json.loads(done.stdout.splitlines()[-1])
 
 
 def _wait(check: Callable[[], bool], timeout: float = 60) -> None:
@@ -149,30 +89,8 @@ def _wait(check: Callable[[], bool], timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def _bounded(fn: Callable[[], dict[str, float]], timeout: float) -> dict[str, float]:
-    """Run ``fn`` in a daemon thread; a run that hangs is reported (with its stack), not waited on."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        frame = sys._current_frames().get(thread.ident or -1)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "?"
-        raise TimeoutError(f"run still going after {timeout:g}s at:\n{stack}")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def measure(systems: list[Any], runs: int, warmup: int,
-            timeout: float = 180) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
+def measure(systems: list[System], runs: int,
+            warmup: int) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
     """Alternate systems run by run; return each system's timings per scenario, and failures."""
     results: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in SCENARIOS}
                                                   for s in systems}
@@ -182,7 +100,7 @@ def measure(systems: list[Any], runs: int, warmup: int,
             for system in systems:
                 label = "warm-up" if i < warmup else f"run {i - warmup + 1}/{runs}"
                 try:
-                    timings = _bounded(lambda s=system, w=workers: s.run(w), timeout)
+                    timings = system.run(workers)
                 except Exception as exc:
                     failures[system.name].append(f"{label} workers={workers}: {exc!r}")
                     print(f"  {label:12} {system.name:17} workers={workers} FAILED: {exc!r}",
@@ -281,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {"PROVISIONER_LOCAL_LAUNCHER": args.launcher}
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(our_service(["--no-tls"] if args.no_tls else [], env))
-        systems: list[Any] = [Ours(url)]
+        systems = [System("dask-provisioner", "ours", url)]
         if not args.no_gateway:
-            systems.append(Gateway(*stack.enter_context(gateway_server())))
+            systems.append(System("dask-gateway", "gateway", *stack.enter_context(gateway_server())))
         time.sleep(2)  # let both finish starting (our fork server imports distributed)
         print(f"start latency: {args.runs} runs after {args.warmup} warm-up, "
               f"launcher={args.launcher}, tls={not args.no_tls}", flush=True)
@@ -297,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  all running with a worker after {load['all_running_with_a_worker_s']:.2f}s; "
                   f"/healthz p50 {load['healthz_p50_ms']:.1f} ms, p99 {load['healthz_p99_ms']:.1f} ms, "
                   f"max {load['healthz_max_ms']:.1f} ms over {load['healthz_requests']} requests")
-        for system in systems:
-            system.close()
     out["setup"] = {
         "runs": args.runs, "warmup": args.warmup, "launcher": args.launcher,
         "tls": not args.no_tls, "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -306,9 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, "-m", "bench.start_latency", *sys.argv[1:]]),
     }
     write_results(args.out, out)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        sys.stdout.flush()
-        os._exit(0)  # a third-party client thread that will not stop must not hold the exit
     return 0
 
 
