@@ -34,17 +34,25 @@ RUNNER = f"{sys.executable} -m clusters.runner"
 LIVE = {"TASK_STAGING", "TASK_STARTING", "TASK_RUNNING", "TASK_KILLING"}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def port_block(size: int = 100) -> tuple[int, int]:
     """A range of free ports below the ephemeral range, away from the agents' default
-    31000+ (other test runs on this machine may be using those)."""
+    31000+ (other test runs on this machine may be using those). Never one handed out before:
+    two agents sharing a range offer the same ports, and a task given a port another agent's
+    task holds cannot bind it."""
     for _ in range(50):
         base = random.randrange(12000, 30000 - size, size)
+        if base in _HANDED_OUT:
+            continue
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _HANDED_OUT.add(base)
         return base, base + size - 1
     raise RuntimeError("no free port block")
 
