@@ -1,4 +1,4 @@
-"""/tenants/me and /healthz."""
+"""/tenants/me, /tenants/me/usage, /livez, /healthz and /metrics."""
 
 from __future__ import annotations
 
@@ -61,6 +61,13 @@ async def my_usage(
         projects=[ProjectUsage(project=p, core_seconds=c, memory_gib_seconds=m)
                   for p, (c, m) in sorted(books.projects.items())],
     )
+
+
+@router.get("/livez", response_model=Health, tags=["service"])
+async def livez(service: Annotated[Provisioner, Depends(get_provisioner)]) -> Health:
+    """The process answers: for a liveness probe (a standby answers this too, while its
+    ``/healthz`` says 503 until it takes over)."""
+    return Health(status="ok", backend=service.backend.name)
 
 
 @router.get("/healthz", response_model=Health, tags=["service"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -102,10 +103,26 @@ def protocol_class(header_timeout: float, parser: str = "auto") -> type[asyncio.
                 {"header_timeout": header_timeout})
 
 
-def run(app: FastAPI, settings: Settings, log_level: str = "info") -> None:
-    """Serve ``app`` on the settings' host and port until stopped."""
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=log_level.lower(),
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The service's listening socket, bound before the service starts anything, so a busy
+    port is a start-up error and not a failure after clusters were recovered."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def run(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve ``app`` until stopped: on ``sock`` (from :func:`listen_socket`), else on the
+    settings' host and port."""
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=30,
         # The standard asyncio loop, not uvloop: process exits are watched with pidfds on the
         # loop, and uvloop (libuv) defers closing a poll handle, so a new pidfd that reuses
@@ -117,3 +134,4 @@ def run(app: FastAPI, settings: Settings, log_level: str = "info") -> None:
         # uvicorn counts the connection asking too: this serves max_connections at once.
         limit_concurrency=settings.max_connections + 1,
     )
+    uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)

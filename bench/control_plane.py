@@ -58,12 +58,12 @@ def serve(port: int, data_dir: Path, tenants: Path) -> None:
     from provisioner.store import Store
     from provisioner.tenants import TenantDirectory, load_tenants
 
-    settings = Settings(port=port, data_dir=data_dir, tenants=tenants, tls=False)
+    settings = Settings(port=port, data_dir=data_dir, tenants=tenants, tls=False, log_level="warning")
     data_dir.mkdir(parents=True, exist_ok=True)
     provisioner = Provisioner(settings, TenantDirectory(load_tenants(tenants)),
                               Store(settings.state_url, Keyring(load_or_create_key(settings))),
                               NullBackend())
-    run_server(create_app(provisioner), settings, "warning")
+    run_server(create_app(provisioner), settings)
 
 
 def rss_bytes(pid: int) -> int:

@@ -7,6 +7,7 @@ commands work from the SDK's install alone (no FastAPI, SQLAlchemy or backends).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -108,20 +109,34 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     return Provisioner(settings, TenantDirectory(tenants), store, backend), token
 
 
+def _lease_lost() -> None:
+    """The lease is gone (its database session ended): another service may be taking over.
+    Stop at once, touching nothing: the clusters are the new holder's to adopt."""
+    logging.getLogger("provisioner.lease").critical(
+        "lost the service lease (database session ended); exiting so one service manages clusters")
+    logging.shutdown()
+    os._exit(75)
+
+
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    host: Annotated[Optional[str], typer.Option(help="address to listen on [default: 127.0.0.1]")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="port to listen on [default: 8000]")] = None,  # noqa: UP045
     tenants: Annotated[Optional[Path], typer.Option(help="tenants YAML file")] = None,  # noqa: UP045
     state: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the state database")] = None,  # noqa: UP045
-    data_dir: Annotated[Path, typer.Option(help="folder for the SQLite file and cluster logs")] = Path("data"),
+    data_dir: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="folder for the SQLite file and cluster logs [default: data]")] = None,
     secret_key_file: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="key file sealing credentials at rest (default DATA_DIR/secret.key)")] = None,
-    backend: Annotated[str, typer.Option(help="local or mesos")] = "local",
+    backend: Annotated[Optional[str], typer.Option(help="local or mesos [default: local]")] = None,  # noqa: UP045
     mesos_master: Annotated[Optional[str], typer.Option(help="HOST:PORT or zk://HOST:2181/mesos")] = None,  # noqa: UP045
     mesos_command: Annotated[Optional[str], typer.Option(help="command starting Dask on a Mesos agent")] = None,  # noqa: UP045
-    keep_clusters: Annotated[bool, typer.Option(help="leave clusters running on shutdown")] = False,
-    tls: Annotated[bool, typer.Option(help="per-cluster TLS (--no-tls only for trusted single-user setups)")] = True,
+    keep_clusters: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--keep-clusters/--no-keep-clusters",
+        help="leave clusters running on shutdown [default: no-keep-clusters]")] = None,
+    tls: Annotated[Optional[bool], typer.Option(  # noqa: UP045
+        "--tls/--no-tls",
+        help="per-cluster TLS (--no-tls only for trusted single-user setups) [default: tls]")] = None,
     max_connections: Annotated[Optional[int], typer.Option(  # noqa: UP045
         help="connections served at once; more are answered 503 [default: 1000]")] = None,
     header_timeout: Annotated[Optional[float], typer.Option(  # noqa: UP045
@@ -129,15 +144,21 @@ def serve(
     body_timeout: Annotated[Optional[float], typer.Option(  # noqa: UP045
         help="seconds a client has to send a request's body [default: 30]")] = None,
     public_url: Annotated[Optional[str], typer.Option(help="URL tenants reach the service at, behind a proxy")] = None,  # noqa: UP045
-    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    standby: Annotated[bool, typer.Option(
+        help="when another service holds this state, wait and take over once it stops")] = False,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning [default: info]")] = None,  # noqa: UP045
 ) -> None:
     """Run the service (local backend and an SQLite file unless told otherwise)."""
     try:
         from pydantic import ValidationError
+        from sqlalchemy.exc import SQLAlchemyError
 
         from api.app import create_app
+        from api.server import listen_socket
         from api.server import run as run_server
+        from api.standby import answer_while_standing_by
         from provisioner.files import make_private, private_data_dir
+        from provisioner.lease import Lease, LeaseHeld
         from provisioner.logs import configure as configure_logging
         from provisioner.settings import Settings
         from provisioner.store import StoreError
@@ -145,25 +166,47 @@ def serve(
     except ImportError as exc:
         _fail(f"the server is not installed ({exc.name} is missing): {SERVER_EXTRA}")
 
-    configure_logging(log_level)
     overrides = {
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
         "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
         "max_connections": max_connections, "header_timeout": header_timeout,
-        "body_timeout": body_timeout, "public_url": public_url,
+        "body_timeout": body_timeout, "public_url": public_url, "log_level": log_level,
     }
+    # Options given on the command line win; the rest come from PROVISIONER_* variables.
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        _fail("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                        for e in exc.errors()))
+    configure_logging(settings.log_level)
     # Before anything is created: the data folder and everything in it is ours alone.
     make_private()
     try:
         private_data_dir(settings.data_dir)
+        # One service per state, before any side effect: a second one must never adopt,
+        # reap or stop the clusters of the one that runs.
+        lease = Lease(settings.data_dir, settings.state_url)
+        if standby:
+            # Listening from the start: /livez answers, everything else 503, until it serves.
+            listener = listen_socket(settings.host, settings.port)
+            stop_answering = answer_while_standing_by(listener)
+            lease.acquire(wait=True, on_wait=lambda holder: typer.echo(
+                f"standby: {holder} holds the lease; taking over when it stops", err=True))
+            stop_answering()
+        else:
+            lease.acquire()
+            # The port next: a busy one fails here, before clusters are recovered or tokens shown.
+            listener = listen_socket(settings.host, settings.port)
         provisioner, token = build(settings)
+    except LeaseHeld as exc:
+        _fail(str(exc))
     except (OSError, TenantsFileError, StoreError, ValueError) as exc:
         _fail(str(exc))
+    except SQLAlchemyError as exc:
+        _fail(f"cannot open state {settings.state_url!r}: {getattr(exc, 'orig', None) or exc}")
+    lease.watch(_lease_lost)
+    settings = settings.model_copy(update={"port": listener.getsockname()[1]})
     if not settings.tls:
         typer.secho(
             "WARNING: --no-tls: clusters accept plain TCP connections from anyone who can reach "
@@ -189,7 +232,7 @@ def serve(
     # in place that ends the process with status 0 instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    run_server(create_app(provisioner), settings, log_level)
+    run_server(create_app(provisioner), settings, listener)
 
 
 @app.command()

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     #: Send TEARDOWN (kills every task of the framework) when the service stops.
     mesos_teardown: bool = False
     keep_clusters: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls: bool = True
     #: Bearer token that guards /metrics (tenant names and usage). Unset: the service makes
     #: one on first start and keeps it in <data_dir>/metrics-token. /metrics is never open.
@@ -92,6 +93,11 @@ class Settings(BaseSettings):
             files += [database, *(database.with_name(database.name + suffix)
                                   for suffix in ("-wal", "-shm", "-journal"))]
         return files
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("metrics_token", "secret_key", mode="before")
     @classmethod

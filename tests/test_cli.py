@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,9 +18,10 @@ import pytest
 from tests.service import ServiceProcess, wait_until
 
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(*args: str, timeout: float = 60,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "provisioner.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_token_prints_token_and_its_hash() -> None:
@@ -67,6 +69,28 @@ def test_unreachable_state_database_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_tenants_file(tmp_path: Path) -> None:
     result = run("serve", "--tenants", str(tmp_path / "absent.yaml"), "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "cannot read tenants file" in result.stderr
+
+
+def test_settings_come_from_the_environment_when_not_given(tmp_path: Path) -> None:
+    """``PROVISIONER_*`` variables are the defaults of ``serve``'s options, not ignored."""
+    env = {"PROVISIONER_TENANTS": str(tmp_path / "absent.yaml"),
+           "PROVISIONER_DATA_DIR": str(tmp_path / "d"), "PROVISIONER_PORT": "0"}
+    result = run("serve", env=env)
+    assert result.returncode == 2 and "cannot read tenants file" in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        busy_env = {"PROVISIONER_DATA_DIR": str(tmp_path / "d"), "PROVISIONER_PORT": str(port)}
+        result = run("serve", env=busy_env)
+        assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+        # An option given wins over its variable: --port 0 is free, so the missing tenants
+        # file is what stops it now.
+        result = run("serve", "--port", "0", "--tenants", str(tmp_path / "absent.yaml"),
+                     env=busy_env)
+    assert result.returncode == 2 and "cannot read tenants file" in result.stderr
+    result = run("serve", "--log-level", "nonsense", env={"PROVISIONER_DATA_DIR": str(tmp_path / "d")})
+    assert result.returncode == 2 and "--log-level:" in result.stderr
 
 
 def start_keeping_stderr(svc: ServiceProcess, name: str) -> str:

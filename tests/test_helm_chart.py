@@ -773,11 +773,12 @@ def test_every_top_level_value_is_used(defaults):
     assert unused == []
 
 
-def test_deployment_probes_ask_healthz():
+def test_deployment_probes_ask_livez_and_healthz():
+    """Liveness: the process answers (a standby does); readiness: it serves requests."""
     text = (TEMPLATES / "deployment.yaml").read_text()
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
         block = text.split(f"{probe}:", 1)[1].split("Probe:", 1)[0]
-        assert "path: /healthz" in block, probe
+        assert f"path: {path}" in block, probe
 
 
 # --------------------------------------------------------------------------------------------
@@ -845,8 +846,9 @@ def test_default_render(renderer, defaults):
     assert env_of(c)["PROVISIONER_STATE"] == {
         "name": "PROVISIONER_STATE", "value": "sqlite:////var/lib/provisioner/provisioner.db"}
     assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
+    for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
+        assert c[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTP"}
+    assert "--standby" not in args
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["resources"]["requests"] == defaults["resources"]["requests"]
 
@@ -972,6 +974,8 @@ def test_postgres_url_from_values_goes_through_a_secret(renderer):
         "secretKeyRef": {"name": "prov-dask-provisioner-state", "key": "url"}}
     spec = one(docs, "Deployment")["spec"]
     assert spec["replicas"] == 2 and spec["strategy"] == {"type": "RollingUpdate"}
+    # Two replicas: every pod stands by, one takes the lease and serves.
+    assert "--standby" in container(docs)["args"]
 
 
 def test_metrics_token_secret_reaches_the_service_and_prometheus(renderer, schema, defaults,
