@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import distributed
 import httpx
 
 from bench.harness import TOKEN, gateway_server, our_service, write_results
+from bench.start_client import wait_until
 
 SCENARIOS = ("task", "two_workers", "scheduler")
 #: Pause after every run (both systems alike) so exiting processes do not load the next run.
@@ -79,14 +80,6 @@ class System:
         if done.returncode != 0:
             raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
         return json.loads(done.stdout.splitlines()[-1])
-
-
-def _wait(check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.05)
 
 
 def measure(systems: list[System], runs: int,
@@ -149,13 +142,13 @@ def healthz_under_load(url: str, clusters: int = 20) -> dict[str, Any]:
                 up = [c for c in listed if c["id"] in ids and c["workers"]["running"] >= 1]
                 return len(up) == len(ids)
 
-            _wait(all_up, timeout=120)
+            wait_until(all_up, timeout=120)
             elapsed = time.perf_counter() - t0
     finally:
         for cid in ids:
             http.delete(f"/clusters/{cid}")
         with contextlib.suppress(TimeoutError):
-            _wait(lambda: not http.get("/clusters", params={"status": "running"}).json()["clusters"]
+            wait_until(lambda: not http.get("/clusters", params={"status": "running"}).json()["clusters"]
                   and not http.get("/clusters", params={"status": "stopping"}).json()["clusters"])
         http.close()
     return {"clusters": clusters, "all_running_with_a_worker_s": elapsed,
