@@ -15,7 +15,8 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from clusters.base import REAPED, Backend, ClusterSpec, LaunchError
 from clusters.logs import cluster_log
@@ -28,6 +29,8 @@ from provisioner.tls import client_credentials, process_credentials
 from provisioner.watch import Report, SchedulerLink, follow
 
 logger = logging.getLogger("provisioner.reconciler")
+
+T = TypeVar("T")
 
 #: A worker that keeps dying is not replaced forever: this many losses in this many seconds
 #: fail the cluster.
@@ -130,17 +133,16 @@ class ClusterRunner:
         else:  # a start interrupted by a restart: begin again from nothing
             await self.rec.backend.stop_cluster(self.id)
         try:
-            endpoint = await asyncio.wait_for(
-                self.rec.backend.start_scheduler(self.spec()), self.rec.settings.start_timeout
-            )
+            endpoint = await self._unless_stopped(self.rec.backend.start_scheduler(self.spec()),
+                                                  self.rec.settings.start_timeout)
         except (LaunchError, TimeoutError) as exc:
             self.rec.backend_error("scheduler-start")
             reason = str(exc) or f"scheduler not up after {self.rec.settings.start_timeout:g}s"
             await self._fail(reason)
             return False
-        if self.record.stop_requested:
-            self.log.info("scheduler up, but already asked to stop")
-            return True  # the loop stops it
+        if endpoint is None or self.record.stop_requested:
+            self.log.info("asked to stop while starting")
+            return True  # the loop stops it: whatever the start left is the backend's to end
         await records.update(
             self.id, status=Status.RUNNING, scheduler_address=endpoint.address,
             dashboard_url=endpoint.http_url, started_at=time.time(),
@@ -149,6 +151,33 @@ class ClusterRunner:
         if endpoint.http_url:
             await self._link(endpoint.http_url)
         return True
+
+    async def _unless_stopped(self, call: Coroutine[Any, Any, T], timeout: float) -> T | None:
+        """Await a backend call that can take long (a start waiting for capacity) so that a
+        stop asked meanwhile interrupts it at once: None then, the call cancelled. Past
+        ``timeout``: TimeoutError, the call cancelled too."""
+        work = asyncio.ensure_future(call)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while not work.done():
+                if self.record.stop_requested:
+                    return None
+                self.kick.clear()
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise TimeoutError
+                kicked = asyncio.ensure_future(self.kick.wait())
+                try:
+                    await asyncio.wait({work, kicked}, timeout=left,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    kicked.cancel()
+            return work.result()
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(BaseException):
+                    await work
 
     async def _stop(self, reason: str) -> None:
         self.log.info("stopping reason=%s", reason)

@@ -262,6 +262,22 @@ def test_two_tenants_share_a_small_pool_within_quotas(mesos: MakeMaster,
     assert len(tasks(master, f"{a['id']}-w")) == 1  # the other worker waits for an offer
     computes(svc, "beta", b, 1)
 
+    # A start that gets no offer (alpha's Mesos quota is full) ends at once on DELETE: stopped
+    # by the user, not failed after the start timeout, its quota released, nothing launched.
+    with svc.client("alpha") as http:
+        r = http.post("/clusters", json={"workers": 0})
+        assert r.status_code == 201, r.text
+        stuck = r.json()["id"]
+        time.sleep(1)
+        assert http.get(f"/clusters/{stuck}").json()["status"] == "starting"
+        held = http.get("/tenants/me").json()["usage"]["clusters"]
+        assert http.delete(f"/clusters/{stuck}").status_code == 200
+        wait_until(lambda: http.get(f"/clusters/{stuck}").json()["status"] == "stopped",
+                   timeout=10, what="the stopped start")
+        assert http.get(f"/clusters/{stuck}").json()["stop_reason"] == "user"
+        assert http.get("/tenants/me").json()["usage"]["clusters"] == held - 1
+    assert not tasks(master, stuck)
+
     # The service's own quota: 403 with the numbers, nothing launched.
     with svc.client("beta") as http:
         r = http.post("/clusters", json={"workers": 0})
