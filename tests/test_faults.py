@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections.abc import Callable
 
 import pytest
 from distributed import Client
 
 from clusters.local.procs import is_alive
-from tests.service import ServiceProcess, wait_until
+from tests.service import ServiceProcess, tenant, wait_until
 
 
 def test_killed_worker_is_replaced(service: ServiceProcess) -> None:
@@ -89,3 +91,25 @@ def test_memory_limit_is_enforced(service: ServiceProcess) -> None:
             assert http.get(f"/clusters/{cid}").json()["status"] == "running"
         finally:
             http.delete(f"/clusters/{cid}")
+
+
+def test_delete_right_after_create_leaves_nothing(make_service: Callable[..., ServiceProcess]) -> None:
+    """A DELETE that lands while the scheduler starts (or before) ends the cluster stopped by
+    the user with no process left, whatever moment of the start it interrupts."""
+    svc = make_service([tenant("acme", cores=6, clusters=4)]).start()
+    before = {p.pid for p in svc.owned()}
+    ids = []
+    with svc.client("acme") as http:
+        for delay in (0, 0.02, 0.05, 0.1, 0.2):
+            r = http.post("/clusters", json={"workers": 1})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+            time.sleep(delay)
+            assert http.delete(f"/clusters/{ids[-1]}").status_code == 200
+        for cid in ids:
+            wait_until(lambda cid=cid: http.get(f"/clusters/{cid}").json()["status"]
+                       in ("stopped", "failed"), what=f"{cid} ended")
+            ended = http.get(f"/clusters/{cid}").json()
+            assert (ended["status"], ended["stop_reason"]) == ("stopped", "user"), ended
+        assert http.get("/tenants/me").json()["usage"]["clusters"] == 0
+    wait_until(lambda: {p.pid for p in svc.owned()} <= before, what="no cluster process left")

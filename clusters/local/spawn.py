@@ -121,8 +121,17 @@ class ProcessLauncher:
     ) -> tuple[ProcessRef, dict[str, Any]]:
         """Start the process; with ``wait_ready``, return its ready report too."""
         read_fd, write_fd = os.pipe()
+        spawning = asyncio.ensure_future(
+            asyncio.to_thread(self._spawn, role, options, env, log, write_fd))
         try:
-            pid = await asyncio.to_thread(self._spawn, role, options, env, log, write_fd)
+            pid = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # A start cancelled (a stop asked meanwhile) must not lose the process it made.
+            with contextlib.suppress(Exception):
+                pid = await spawning
+                await terminate(ref_for(pid) or ProcessRef(pid, -1), grace=0)
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         ref = ref_for(pid) or ProcessRef(pid, -1)
@@ -132,10 +141,16 @@ class ProcessLauncher:
         try:
             line_task = asyncio.ensure_future(_read_line(read_fd))
             exit_task = asyncio.ensure_future(wait_exit(ref))
-            done, _ = await asyncio.wait(
-                [line_task, exit_task], timeout=self.ready_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            try:
+                done, _ = await asyncio.wait(
+                    [line_task, exit_task], timeout=self.ready_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            except asyncio.CancelledError:
+                line_task.cancel()
+                exit_task.cancel()
+                await terminate(ref, grace=0)
+                raise
             if line_task in done and line_task.result():
                 exit_task.cancel()
                 try:
