@@ -14,9 +14,10 @@ from typing import Any
 
 from clusters.base import Backend
 from clusters.logs import cluster_log
+from provisioner.admission import InvalidRequest, adaptive_size, fixed_size
 from provisioner.metrics import Metrics
 from provisioner.models import CLUSTER_ID_PATTERN, ClusterRecord, Status, StopReason, new_cluster_id
-from provisioner.quota import QuotaExceeded, Usage, check_workers_per_cluster
+from provisioner.quota import QuotaExceeded, Usage
 from provisioner.reconciler import Reconciler
 from provisioner.records import Records
 from provisioner.settings import Settings
@@ -29,15 +30,6 @@ logger = logging.getLogger("provisioner.service")
 __all__ = [
     "ClusterRequest", "Conflict", "InvalidRequest", "NotFound", "Provisioner", "QuotaExceeded",
 ]
-
-
-class InvalidRequest(ValueError):
-    """A request the tenant may not make; ``field`` names what is wrong."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class Conflict(InvalidRequest):
@@ -134,24 +126,13 @@ class Provisioner:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def _check_workers(self, tenant: Tenant, name: str, value: int) -> None:
-        check_workers_per_cluster(tenant.quota, value)
-        if value < 0:
-            raise InvalidRequest(name, "must not be negative")
-
     async def create(self, tenant: Tenant, request: ClusterRequest) -> ClusterRecord:
         d = tenant.defaults
-        adaptive = request.adaptive_maximum is not None
-        if adaptive:
-            lo = request.adaptive_minimum or 0
-            hi = request.adaptive_maximum or 0
-            if lo > hi:
-                raise InvalidRequest("adaptive.minimum", f"{lo} is more than maximum {hi}")
-            self._check_workers(tenant, "adaptive.minimum", lo)
-            workers = lo
+        if request.adaptive_maximum is not None:
+            size = adaptive_size(tenant, request.adaptive_minimum, request.adaptive_maximum,
+                                 field="adaptive.minimum")
         else:
-            workers = 1 if request.workers is None else request.workers
-            self._check_workers(tenant, "workers", workers)
+            size = fixed_size(tenant, request.workers)
         cluster_id = new_cluster_id()
         credentials = (await asyncio.to_thread(cluster_credentials, cluster_id)
                        if self.settings.tls else {})
@@ -164,20 +145,21 @@ class Provisioner:
             worker_memory=request.worker_memory or d.worker_memory,
             scheduler_cores=d.scheduler_cores,
             scheduler_memory=d.scheduler_memory,
-            workers_requested=workers,
+            workers_requested=size.workers,
             idle_timeout=_bounded("idle_timeout", request.idle_timeout, d.idle_timeout,
                                   d.max_idle_timeout),
             no_client_timeout=_bounded("no_client_timeout", request.no_client_timeout,
                                        d.no_client_timeout, d.max_no_client_timeout),
-            adaptive_minimum=request.adaptive_minimum or 0 if adaptive else None,
-            adaptive_maximum=request.adaptive_maximum if adaptive else None,
+            adaptive_minimum=size.adaptive_minimum,
+            adaptive_maximum=size.adaptive_maximum,
             env=dict(request.env),
             image=request.image,
             credentials=credentials,
         )
         record = await self.records.admit(record, tenant.quota)
         cluster_log(logger, tenant.name, record.id).info(
-            "created project=%s workers=%d adaptive=%s", record.project, workers, record.adaptive)
+            "created project=%s workers=%d adaptive=%s", record.project, size.workers,
+            record.adaptive)
         self.reconciler.ensure(record)
         return record
 
@@ -189,9 +171,9 @@ class Provisioner:
 
     async def scale(self, tenant: Tenant, cluster_id: str, workers: int) -> ClusterRecord:
         await self._live(tenant, cluster_id)
-        self._check_workers(tenant, "workers", workers)
+        size = fixed_size(tenant, workers)
         record = await self.records.resize(
-            cluster_id, tenant.quota, workers, adaptive_minimum=None, adaptive_maximum=None
+            cluster_id, tenant.quota, size.workers, adaptive_minimum=None, adaptive_maximum=None
         )
         self.reconciler.ensure(record)
         return record
@@ -199,14 +181,10 @@ class Provisioner:
     async def adapt(self, tenant: Tenant, cluster_id: str, minimum: int,
                     maximum: int) -> ClusterRecord:
         record = await self._live(tenant, cluster_id)
-        if minimum > maximum:
-            raise InvalidRequest("minimum", f"{minimum} is more than maximum {maximum}")
-        self._check_workers(tenant, "minimum", minimum)
-        if tenant.quota.workers_per_cluster is not None:
-            maximum = min(maximum, tenant.quota.workers_per_cluster)
-        start = min(max(record.workers_requested, minimum), maximum)
+        size = adaptive_size(tenant, minimum, maximum, current=record.workers_requested)
         record = await self.records.resize(
-            cluster_id, tenant.quota, start, adaptive_minimum=minimum, adaptive_maximum=maximum
+            cluster_id, tenant.quota, size.workers, adaptive_minimum=size.adaptive_minimum,
+            adaptive_maximum=size.adaptive_maximum,
         )
         self.reconciler.ensure(record)
         return record

@@ -132,3 +132,18 @@ async def test_a_failing_start_fails_the_cluster_with_the_backend_reason(make: A
     # A delete after the end changes nothing.
     again = await service.delete(TENANT, record.id)
     assert again.status == Status.FAILED
+
+
+async def test_create_and_adapt_store_the_same_clamped_maximum(make: Any) -> None:
+    """workers_per_cluster 3: an adaptive maximum of 50 is 3 whether created or adapted to."""
+    limited = TENANT.model_copy(update={"quota": TENANT.quota.model_copy(
+        update={"workers_per_cluster": 3})})
+    service = await make(FaultyBackend("hang"), start_timeout=600)
+    service.tenants = TenantDirectory([limited])
+    service.reconciler.tenants = service.tenants
+    created = await service.create(limited, ClusterRequest(adaptive_minimum=0, adaptive_maximum=50))
+    assert (created.adaptive_minimum, created.adaptive_maximum) == (0, 3)
+    adapted = await service.adapt(limited, created.id, 1, 50)
+    assert (adapted.adaptive_minimum, adapted.adaptive_maximum, adapted.workers_requested) == (1, 3, 1)
+    await service.delete(limited, created.id)
+    assert (await _until(service, created.id, Status.STOPPED)).stop_reason == "user"
