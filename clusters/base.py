@@ -90,6 +90,30 @@ class SchedulerEndpoint:
                    f"{'https' if tls else 'http'}://{unparse_host_port(host, http_port)}")
 
 
+#: Key of a cluster's saved backend state naming the backend that made it.
+BACKEND_KEY = "backend"
+
+
+def backend_of(state: dict[str, Any] | None) -> str | None:
+    """Which backend made a cluster's saved state: its ``backend`` tag, or, for a state saved
+    before tags, its shape (Mesos tasks have task ids, local processes pids); None when
+    nothing was launched yet (any backend may start it)."""
+    if not isinstance(state, dict):
+        return None
+    tag = state.get(BACKEND_KEY)
+    if isinstance(tag, str):
+        return tag
+    refs = [state.get("scheduler"), *((state.get("workers") or {}).values()
+                                      if isinstance(state.get("workers"), dict) else [])]
+    for ref in refs:
+        if isinstance(ref, dict):
+            if "task_id" in ref:
+                return "mesos"
+            if "pid" in ref:
+                return "local"
+    return None
+
+
 class BackendEvents(Protocol):
     """How a backend tells the core what happened. All are safe to call more than once."""
 

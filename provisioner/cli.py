@@ -17,6 +17,7 @@ import typer
 
 if TYPE_CHECKING:
     from provisioner.settings import Settings
+    from provisioner.store import Store
 
 SERVER_EXTRA = "pip install 'dask-provisioner[server]'"
 
@@ -52,6 +53,7 @@ def _open_store(settings: Settings):  # type: ignore[no-untyped-def]
     made_now = settings.secret_key is None and not settings.key_file.exists()
     store = Store(settings.state_url, Keyring(load_or_create_key(settings), key_source(settings)))
     store.check()
+    store.migrate()  # under the lease, before anything reads the tables
     try:
         sealed = store.seal_credentials()
     except WrongKey as exc:
@@ -106,7 +108,27 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
         backend = LocalBackend(settings.data_dir, host=settings.cluster_host, sandbox=sandbox,
                                hidden=settings.private_files(), uid_base=settings.local_uid_base)
     store = _open_store(settings)
+    _check_backend_owns(store, backend.name)
     return Provisioner(settings, TenantDirectory(tenants), store, backend), token
+
+
+def _check_backend_owns(store: Store, backend: str) -> None:
+    """Refuse to start on live clusters another backend runs: this one could neither adopt
+    nor stop them, and would fail them while their processes or tasks ran on."""
+    from clusters.base import backend_of
+
+    foreign: dict[str, list[str]] = {}
+    for cluster_id, state in store.live_backend_states():
+        owner = backend_of(state)
+        if owner is not None and owner != backend:
+            foreign.setdefault(owner, []).append(cluster_id)
+    if foreign:
+        owner, ids = next(iter(foreign.items()))
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        raise ValueError(
+            f"{len(ids)} live cluster(s) in this state run on the {owner} backend ({shown}); "
+            f"this service was started with --backend {backend}. Start it with --backend "
+            f"{owner} and stop them first, or give this backend its own --state and --data-dir")
 
 
 def _lease_lost() -> None:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from clusters.base import REAPED, Backend, ClusterSpec, LaunchError
+from clusters.base import BACKEND_KEY, REAPED, Backend, ClusterSpec, LaunchError
 from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.reaping import reap_reason
@@ -398,6 +398,7 @@ class Reconciler:
     # -- BackendEvents ---------------------------------------------------------------------
 
     async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
+        state = {**state, BACKEND_KEY: self.backend.name}  # a service on another backend refuses it
         record = self.records.cached(cluster_id)
         if record is not None and record.backend_state != state:
             await self.records.update(cluster_id, backend_state=state)

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
+from provisioner import migrations
 from provisioner.models import LIVE, ClusterRecord, Status
 from provisioner.quota import Usage, check_fits, check_workers_per_cluster, workers_that_fit
 from provisioner.secrets import Keyring, WrongKey
@@ -223,9 +224,39 @@ class Store:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _open(self, tenant_names: list[str]) -> None:
+    def migrate(self) -> int:
+        """Blocking, at start under the service's lease: make the tables of a fresh database,
+        or bring an existing one to this release's schema version; returns that version.
+        A database a newer release has already changed is refused, not misread."""
         try:
-            metadata.create_all(self.engine)
+            fresh = not sa.inspect(self.engine).has_table(clusters_table.name)
+            metadata.create_all(self.engine)  # missing tables only; changes are steps
+            with self._tx(write=True) as conn:
+                stored = conn.execute(sa.select(meta_table.c.value)
+                                      .where(meta_table.c.key == migrations.VERSION_KEY)).scalar()
+                try:
+                    version = migrations.LATEST if fresh else int(stored or 1)
+                except ValueError:
+                    raise StoreError(f"state {self.engine.url!r}: schema version {stored!r} "
+                                     "is not a number") from None
+                if version > migrations.LATEST:
+                    raise StoreError(
+                        f"state {self.engine.url!r} has schema version {version}, newer than "
+                        f"this release's {migrations.LATEST}: run the release that wrote it "
+                        "(or a later one)")
+                for step in migrations.pending(version):
+                    step(conn)
+                if stored != str(migrations.LATEST):
+                    conn.execute(meta_table.delete().where(meta_table.c.key == migrations.VERSION_KEY))
+                    conn.execute(meta_table.insert().values(key=migrations.VERSION_KEY,
+                                                            value=str(migrations.LATEST)))
+        except OperationalError as exc:
+            raise StoreError(f"cannot open state {self.engine.url!r}: {exc.orig}") from None
+        return migrations.LATEST
+
+    def _open(self, tenant_names: list[str]) -> None:
+        self.migrate()
+        try:
             with self._tx(write=True) as conn:
                 known = {r.name for r in conn.execute(sa.select(tenants_table.c.name))}
                 for name in set(tenant_names) - known:
@@ -325,6 +356,17 @@ class Store:
     ) -> list[ClusterRecord]:
         """Newest first; ``after`` (a cluster id) starts just past that cluster, for paging."""
         return await self._call(self._list, tenant, statuses, project, limit, after)
+
+    def live_backend_states(self) -> list[tuple[str, dict[str, Any]]]:
+        """Blocking, for start-up checks before serving: each live cluster's id and saved
+        backend state (nothing else is read: no credentials are opened)."""
+        if not sa.inspect(self.engine).has_table(clusters_table.name):
+            return []
+        c = clusters_table.c
+        with self._tx() as conn:
+            rows = conn.execute(sa.select(c.id, c.backend_state)
+                                .where(c.status.in_([s.value for s in LIVE])).order_by(c.id))
+            return [(cid, state if isinstance(state, dict) else {}) for cid, state in rows]
 
     async def list_live(self) -> list[ClusterRecord]:
         return await self.list(statuses=list(LIVE))

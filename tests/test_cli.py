@@ -66,6 +66,24 @@ def test_unreachable_state_database_is_a_clear_error(tmp_path: Path) -> None:
     assert "state" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_state_from_a_newer_release_stops_startup(tmp_path: Path) -> None:
+    from cryptography.fernet import Fernet
+
+    from provisioner import migrations
+    from provisioner.secrets import Keyring
+    from provisioner.store import Store
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = Store(url, Keyring(Fernet.generate_key(), "a test key"))
+    store.migrate()
+    store._set_meta(migrations.VERSION_KEY, "99")
+    store.engine.dispose()
+    result = run("serve", "--state", url, "--data-dir", str(tmp_path / "d"), "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert "schema version 99, newer than this release's" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_tenants_file(tmp_path: Path) -> None:
     result = run("serve", "--tenants", str(tmp_path / "absent.yaml"), "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "cannot read tenants file" in result.stderr

@@ -70,6 +70,22 @@ def test_a_busy_port_fails_before_anything_starts(make_service: MakeService) -> 
     assert svc.get_cluster("acme", cluster["id"])["status"] == "running"
 
 
+def test_another_backend_refuses_the_clusters_this_one_runs(make_service: MakeService) -> None:
+    """A Mesos service on a state whose live clusters are local processes stops at start,
+    saying so, instead of failing them while their processes run on."""
+    svc = make_service([tenant("acme")]).start()
+    cluster = svc.create("acme", workers=0)
+    svc.kill()
+    processes = svc.processes_of(cluster["id"])
+    other = _second(svc, "--backend", "mesos", "--mesos-master", "127.0.0.1:1")
+    assert other.returncode == 2, other.stderr
+    assert "run on the local backend" in other.stderr and cluster["id"] in other.stderr
+    assert "Traceback" not in other.stderr
+    assert processes and all(is_alive(p) for p in processes)
+    svc.start()
+    assert svc.get_cluster("acme", cluster["id"])["status"] == "running"
+
+
 def _stream(svc: ServiceProcess, acked: list[str], scales: list[tuple[int, bool]],
             stop: threading.Event) -> None:
     """Create clusters and scale the first, one call after another, until told to stop; keep

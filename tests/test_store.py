@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from provisioner import migrations
 from provisioner.models import ClusterRecord, Status, new_cluster_id
 from provisioner.quota import QuotaExceeded
 from provisioner.records import Records
 from provisioner.secrets import Keyring
-from provisioner.store import NotFound, Store
+from provisioner.store import NotFound, Store, StoreError
 from provisioner.tenants import Quota
 
 GiB = 2**30
@@ -214,3 +215,36 @@ async def test_another_key_is_refused_at_start_and_changes_nothing(tmp_path: Pat
         assert _raw_credentials(other, clear_id) == clear
     finally:
         await other.close()
+
+
+async def test_a_fresh_database_gets_this_releases_schema_version(store: Store) -> None:
+    assert await store.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST)
+
+
+async def test_a_database_from_before_versions_is_version_one_and_moves_on(store: Store) -> None:
+    await store.set_meta(migrations.VERSION_KEY, None)
+    assert await asyncio.to_thread(store.migrate) == migrations.LATEST
+    assert await store.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST)
+
+
+async def test_steps_run_once_in_order_and_a_newer_schema_is_refused(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy as sa
+
+    ran: list[int] = []
+
+    def step(conn: sa.Connection) -> None:
+        ran.append(len(ran))
+        conn.execute(sa.text("CREATE TABLE probe_step (x INTEGER)"))
+
+    monkeypatch.setattr(migrations, "STEPS", [*migrations.STEPS, step])
+    monkeypatch.setattr(migrations, "LATEST", migrations.LATEST + 1)
+    assert await asyncio.to_thread(store.migrate) == migrations.LATEST
+    assert await asyncio.to_thread(store.migrate) == migrations.LATEST  # nothing left to run
+    assert ran == [0] and sa.inspect(store.engine).has_table("probe_step")
+    # A database a later release moved on: refused with both versions named, left as it is.
+    await store.set_meta(migrations.VERSION_KEY, str(migrations.LATEST + 1))
+    with pytest.raises(StoreError, match=f"schema version {migrations.LATEST + 1}, newer than "
+                                         f"this release's {migrations.LATEST}"):
+        await asyncio.to_thread(store.migrate)
+    assert await store.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST + 1)
