@@ -54,6 +54,10 @@ def test_killed_scheduler_fails_the_cluster_and_releases_quota(service: ServiceP
             assert final["stop_reason"].startswith("failed: scheduler")
             assert "SIGKILL" in final["stop_reason"] or "exited" in final["stop_reason"]
             wait_until(lambda: not any(is_alive(p) for p in procs), what="worker stopped")
+            # Its folder goes with it (the service's logs of it stay).
+            wait_until(lambda: not (service.data_dir / "clusters" / cid).exists(),
+                       what="cluster folder removed")
+            assert (service.data_dir / "logs" / cid).is_dir()
             assert http.get("/tenants/me").json()["usage"] == base
             r = http.post(f"/clusters/{cid}/scale", json={"workers": 2})
             assert r.status_code == 409

@@ -266,8 +266,12 @@ class LocalBackend(Backend):
         if cluster.scheduler:
             await terminate(cluster.scheduler, grace=3)
         await self.confinement.end_async(cluster_id)  # whatever escaped its process group
+        # Not the watcher calling this (a scheduler that ended by itself): cancelled, it would
+        # never get to remove the folder below.
+        current = asyncio.current_task()
         for task in list(cluster.watchers):
-            task.cancel()
+            if task is not current:
+                task.cancel()
         self._clusters.pop(cluster_id, None)
         await self._save(cluster_id)
         # Its folder goes with it; its logs (the service's) stay for whoever investigates.

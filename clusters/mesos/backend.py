@@ -53,6 +53,8 @@ TERMINAL = frozenset({
 })
 #: Our own marker for a task waiting for an offer, and for one sent in an ACCEPT.
 PENDING, LAUNCHED = "PENDING", "LAUNCHED"
+#: Updates held before recovery at most (more are left unacknowledged for Mesos to resend).
+EARLY_LIMIT = 10_000
 
 
 def describe(status: dict[str, Any]) -> str:
@@ -189,7 +191,10 @@ class MesosBackend(Backend):
         self._fresh: set[str] = set()  # roles with newly queued tasks: revive (clears filters)
         self._offer_lock = asyncio.Lock()
         self._recovered = False
-        self._unknown: dict[str, str | None] = {}  # seen before recover(): task id -> agent
+        #: Updates of tasks not known yet, seen before recover(): kept unacknowledged until
+        #: recovery knows which tasks are ours, then handled (a terminal one tells how a
+        #: scheduler ended while the service was away; acknowledged, Mesos forgets it).
+        self._early: list[dict[str, Any]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._persist_lock = asyncio.Lock()
         self._reconciling: asyncio.Task[None] | None = None
@@ -439,6 +444,10 @@ class MesosBackend(Backend):
     async def _on_update(self, status: dict[str, Any]) -> None:
         task_id = (status.get("task_id") or {}).get("value", "")
         agent_id = (status.get("agent_id") or {}).get("value")
+        if not self._recovered and self._ref(task_id) is None:
+            if len(self._early) < EARLY_LIMIT:
+                self._early.append(status)
+            return  # unacknowledged: past the limit, Mesos sends it again
         try:
             await self._handle_status(task_id, agent_id, status)
         finally:
@@ -454,11 +463,8 @@ class MesosBackend(Backend):
         ref = self._ref(task_id)
         if ref is None:
             if state not in TERMINAL:
-                if self._recovered:
-                    logger.warning("mesos: killing unrecognised task %s", task_id)
-                    self._spawn(self._kill(TaskRef(task_id, "worker", agent_id)))
-                else:
-                    self._unknown[task_id] = agent_id
+                logger.warning("mesos: killing unrecognised task %s", task_id)
+                self._spawn(self._kill(TaskRef(task_id, "worker", agent_id)))
             return
         cluster = self._clusters[self._tasks[task_id]]
         ref.seen = time.monotonic()
@@ -618,11 +624,9 @@ class MesosBackend(Backend):
                     await self._ensure_role(spec.role)
             recovering.append(cluster)
         self._recovered = True
-        for task_id, agent_id in self._unknown.items():
-            if task_id not in self._tasks:
-                logger.warning("mesos: killing unrecognised task %s", task_id)
-                self._spawn(self._kill(TaskRef(task_id, "worker", agent_id)))
-        self._unknown.clear()
+        early, self._early = self._early, []
+        for status in early:
+            await self._on_update(status)
         if self.client.subscribed.is_set():
             self._start_reconcile()
 
