@@ -151,6 +151,20 @@ def _settle_and_check(d: Deployment) -> dict[str, dict[str, Any]]:
     return records
 
 
+def _usage_at_rest(http: httpx.Client) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """The tenant's running clusters and its usage, read while neither changed (adaptive
+    clusters go on scaling by themselves), or None."""
+    def running() -> list[tuple[str, int]]:
+        return sorted((c["id"], c["workers"]["requested"]) for c in
+                       http.get("/clusters", params={"status": "running"}).json()["clusters"])
+
+    before = running()
+    usage = http.get("/tenants/me").json()["usage"]
+    if running() != before:
+        return None
+    return [{"id": cid, "workers": {"requested": n}} for cid, n in before], usage
+
+
 def _usable(svc: ServiceProcess, c: dict[str, Any]) -> None:
     """A running cluster takes a client; with workers, it computes."""
     with Client(c["scheduler_address"], security=svc.security(c["tenant"], c["id"]),
@@ -207,8 +221,7 @@ def test_sigkill_in_the_middle_of_creates_scales_and_deletes(deploy: Callable[[]
     records = _settle_and_check(d)
     for name in TENANTS:
         with svc.client(name) as http:
-            usage = http.get("/tenants/me").json()["usage"]
-            mine = [c for c in records.values() if c["tenant"] == name and c["status"] == "running"]
+            mine, usage = wait_until(lambda http=http: _usage_at_rest(http), what="a still moment")
             assert usage["clusters"] == len(mine), (name, usage, mine)
             assert abs(usage["cores"] - sum(0.5 + c["workers"]["requested"] for c in mine)) < 1e-9
     # Everything still managed after the crash: one running cluster (if any) scales and stops.
