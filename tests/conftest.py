@@ -75,18 +75,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "state_agnostic: what the test checks cannot depend on which database holds "
         "the state (HTTP limits, proxying, launchers); run on the SQLite pass only")
+    config.addinivalue_line(
+        "markers", "postgresql_only: checks what only PostgreSQL has (a database session to "
+        "lose); run on the PostgreSQL pass only")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On the PostgreSQL pass (PROVISIONER_TEST_DB=postgresql) run what the database can change:
     tests whose service keeps state in it. The rest already ran on the SQLite pass and would
-    only repeat it; they are deselected (pytest counts them as such, not as passed)."""
-    if os.environ.get("PROVISIONER_TEST_DB", "sqlite") != "postgresql":
-        return
+    only repeat it; they are deselected (pytest counts them as such, not as passed). On the
+    SQLite pass, the tests of what only PostgreSQL has are deselected the same way."""
+    postgresql = os.environ.get("PROVISIONER_TEST_DB", "sqlite") == "postgresql"
     keep, drop = [], []
     for item in items:
-        uses_state = "state_db" in getattr(item, "fixturenames", ())
-        (keep if uses_state and not item.get_closest_marker("state_agnostic") else drop).append(item)
+        if postgresql:
+            uses_state = "state_db" in getattr(item, "fixturenames", ())
+            wanted = uses_state and not item.get_closest_marker("state_agnostic")
+        else:
+            wanted = not item.get_closest_marker("postgresql_only")
+        (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -3,7 +3,6 @@ over when the first dies (SIGKILL during a stream of creates and scales), losing
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -171,8 +170,7 @@ def test_a_standby_takes_over_when_the_active_service_is_killed(
         active.cleanup()
 
 
-@pytest.mark.skipif(os.environ.get("PROVISIONER_TEST_DB") != "postgresql",
-                    reason="a database session to lose: PostgreSQL only (the PostgreSQL pass)")
+@pytest.mark.postgresql_only
 def test_a_service_that_loses_its_database_session_stops_and_leaves_clusters(
         make_service: MakeService) -> None:
     """Its lease may be another service's by now: it exits at once, touching no cluster."""
