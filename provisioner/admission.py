@@ -33,10 +33,10 @@ class Size:
     adaptive_maximum: int | None = None
 
 
-def fixed_size(tenant: Tenant, workers: int | None, field: str = "workers") -> Size:
+def fixed_size(tenant: Tenant, workers: int | None) -> Size:
     """A fixed worker count (default 1)."""
     count = 1 if workers is None else workers
-    _workers(tenant, field, count)
+    _workers(tenant, "workers", count)
     return Size(count)
 
 

@@ -208,7 +208,7 @@ def serve(
         private_data_dir(settings.data_dir)
         # One service per state, before any side effect: a second one must never adopt,
         # reap or stop the clusters of the one that runs.
-        lease = Lease(settings.data_dir, settings.state_url)
+        lease = Lease(settings.data_dir, settings.sqlite_file, settings.postgresql_url)
         if standby:
             # Listening from the start: /livez answers, everything else 503, until it serves.
             listener = listen_socket(settings.host, settings.port)
@@ -221,9 +221,7 @@ def serve(
             # The port next: a busy one fails here, before clusters are recovered or tokens shown.
             listener = listen_socket(settings.host, settings.port)
         provisioner, token = build(settings)
-    except LeaseHeld as exc:
-        _fail(str(exc))
-    except (OSError, TenantsFileError, StoreError, ValueError) as exc:
+    except (LeaseHeld, OSError, TenantsFileError, StoreError, ValueError) as exc:
         _fail(str(exc))
     except SQLAlchemyError as exc:
         _fail(f"cannot open state {settings.state_url!r}: {getattr(exc, 'orig', None) or exc}")

@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 logger = logging.getLogger("provisioner.lease")
 
@@ -144,25 +142,17 @@ class PostgresLease:
         self.engine.dispose()
 
 
-def _lock_files(data_dir: Path, state_url: str) -> list[Path]:
-    files = [data_dir / LOCK_FILE]
-    with contextlib.suppress(ArgumentError):
-        url = make_url(state_url)
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            database = Path(url.database).resolve()
-            if database.parent != data_dir.resolve():
-                files.append(database.with_name(database.name + ".lock"))
-    return files
-
-
 class Lease:
     """Every lock one service needs, taken in one order (so two standbys never deadlock)."""
 
-    def __init__(self, data_dir: Path, state_url: str) -> None:
-        self.parts: list[FileLease | PostgresLease] = [FileLease(p) for p in _lock_files(data_dir, state_url)]
-        with contextlib.suppress(ArgumentError):
-            if make_url(state_url).get_backend_name() == "postgresql":
-                self.parts.append(PostgresLease(state_url))
+    def __init__(self, data_dir: Path, sqlite_file: Path | None = None,
+                 postgresql_url: str | None = None) -> None:
+        files = [data_dir / LOCK_FILE]
+        if sqlite_file is not None and sqlite_file.resolve().parent != data_dir.resolve():
+            files.append(sqlite_file.with_name(sqlite_file.name + ".lock"))
+        self.parts: list[FileLease | PostgresLease] = [FileLease(p) for p in files]
+        if postgresql_url is not None:
+            self.parts.append(PostgresLease(postgresql_url))
         self._watch: threading.Thread | None = None
         self._stop = threading.Event()
 

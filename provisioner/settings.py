@@ -84,15 +84,32 @@ class Settings(BaseSettings):
         """The service's files that cluster processes must never see, besides its data folder:
         its tenants file, its key file and, on SQLite, its state file and the journals beside it."""
         files = [self.key_file, *([self.tenants] if self.tenants else [])]
-        try:
-            url = make_url(self.state_url)
-        except ArgumentError:
-            return files  # the store says what is wrong with it
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            database = Path(url.database)
+        database = self.sqlite_file
+        if database is not None:
             files += [database, *(database.with_name(database.name + suffix)
                                   for suffix in ("-wal", "-shm", "-journal"))]
         return files
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The state's SQLite file; None on PostgreSQL, in memory, or for a URL the store
+        will refuse (it says what is wrong with it)."""
+        try:
+            url = make_url(self.state_url)
+        except ArgumentError:
+            return None
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            return Path(url.database)
+        return None
+
+    @property
+    def postgresql_url(self) -> str | None:
+        """The state URL when the state is on PostgreSQL, else None."""
+        try:
+            backend = make_url(self.state_url).get_backend_name()
+        except ArgumentError:
+            return None
+        return self.state_url if backend == "postgresql" else None
 
     @field_validator("log_level", mode="before")
     @classmethod

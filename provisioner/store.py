@@ -168,6 +168,7 @@ class Store:
         self.engine = make_engine(url)
         self.keyring = keyring
         self._sqlite = self.engine.dialect.name == "sqlite"
+        self._migrated = False
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
 
     # -- rows and records -------------------------------------------------------------------
@@ -252,10 +253,12 @@ class Store:
                                                             value=str(migrations.LATEST)))
         except OperationalError as exc:
             raise StoreError(f"cannot open state {self.engine.url!r}: {exc.orig}") from None
+        self._migrated = True
         return migrations.LATEST
 
     def _open(self, tenant_names: list[str]) -> None:
-        self.migrate()
+        if not self._migrated:  # ``serve`` migrates first, for a clear start-up error
+            self.migrate()
         try:
             with self._tx(write=True) as conn:
                 known = {r.name for r in conn.execute(sa.select(tenants_table.c.name))}
