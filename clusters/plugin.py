@@ -12,8 +12,8 @@ validated JSON (:mod:`provisioner.watch`).
 something changed since version V (workers, clients, busy/idle, adaptive target), or after T
 seconds. That is push in effect over a connection the service opens, so it works the same on
 local processes and on Mesos agents and needs no route back from the cluster to the service.
-``GET /dask-provisioner/workers-to-close?n=N`` and ``POST /dask-provisioner/retire`` (a JSON
-list of names) serve scale-down. The paths lie outside the dashboard's prefix, so the
+``GET /dask-provisioner/workers-to-close?n=N[&idle=1]`` and ``POST /dask-provisioner/retire``
+(a JSON list of names) serve scale-down. The paths lie outside the dashboard's prefix, so the
 service's dashboard proxy never forwards a tenant's request to them.
 """
 
@@ -75,7 +75,12 @@ class WorkersToCloseHandler(_Handler):
         n = int(self._number("n", 0, 0, MAX_RETIRE))
         scheduler = self.plugin.scheduler
         assert scheduler is not None
-        names = scheduler.workers_to_close(n=n, attribute="name") if n else []
+        if not n:
+            names = []
+        elif self._number("idle", 0, 0, 1):  # only what Dask's adaptive rules let go now
+            names = scheduler.workers_to_close(attribute="name")[:n]
+        else:  # the n best to close, whatever they hold
+            names = scheduler.workers_to_close(n=n, attribute="name")
         self._reply({"names": [str(name) for name in names]})
 
 

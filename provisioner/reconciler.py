@@ -269,10 +269,28 @@ class ClusterRunner:
             self._down_since = self._down_since or now
             if now - self._down_since >= self.rec.settings.adapt_down_delay:
                 self._down_since = None
-                return await self.rec.records.resize(self.id, tenant.quota, target)
+                closable = await self._closable(record.workers_requested - target)
+                if closable:
+                    return await self.rec.records.resize(
+                        self.id, tenant.quota, record.workers_requested - closable)
         else:
             self._down_since = None
         return record
+
+    async def _closable(self, count: int) -> int:
+        """How many of ``count`` workers an adaptive scale-down may take now: those that never
+        connected, and those the scheduler agrees to close at this moment (its report may
+        predate work that arrived since; a worker holding the only copy of a result stays)."""
+        live = self.rec.backend.live_workers(self.id)
+        connected = set(self.report.workers) if self.report else set()
+        unconnected = len(live - connected)
+        if unconnected >= count or self.link is None:
+            return count
+        try:
+            agreed = await self.link.workers_to_close(count - unconnected, idle_only=True)
+        except Exception:
+            return 0  # ask again next round
+        return unconnected + len(set(agreed) & live & connected)
 
     async def _reconcile_workers(self, record: ClusterRecord) -> None:
         if record.status != Status.RUNNING or not record.scheduler_address:

@@ -114,8 +114,11 @@ class SchedulerLink:
         except ValidationError as exc:
             raise SchedulerReplyError(f"invalid report: {exc.error_count()} error(s)") from None
 
-    async def workers_to_close(self, n: int) -> list[str]:
-        body = await self._call("GET", "workers-to-close", params={"n": n})
+    async def workers_to_close(self, n: int, idle_only: bool = False) -> list[str]:
+        """Up to ``n`` workers to close, best first; with ``idle_only``, only those Dask's
+        adaptive rules would let go now (idle, their data fits on the rest)."""
+        body = await self._call("GET", "workers-to-close",
+                                params={"n": n, "idle": int(idle_only)})
         try:
             return _Names.model_validate_json(body).names
         except ValidationError as exc:

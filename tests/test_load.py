@@ -169,13 +169,17 @@ def _usage_at_rest(http: httpx.Client) -> tuple[list[dict[str, Any]], dict[str, 
 
 
 def _usable(svc: ServiceProcess, c: dict[str, Any]) -> None:
-    """A running cluster takes a client; with workers, it computes."""
+    """A running cluster takes a client and computes: a fixed one with the workers its record
+    asks for now, an adaptive one with whatever its target brings (from none, at rest)."""
+    with svc.client(c["tenant"]) as http:
+        c = http.get(f"/clusters/{c['id']}").json()
     with Client(c["scheduler_address"], security=svc.security(c["tenant"], c["id"]),
                 timeout=30) as client:
-        if c["workers"]["requested"]:
-            client.wait_for_workers(c["workers"]["requested"], timeout=60)
-            assert client.submit(sum, [c["workers"]["requested"], 1]).result(timeout=60) == \
-                c["workers"]["requested"] + 1
+        want = c["workers"]["requested"]
+        if c["adaptive"] is None and want:
+            client.wait_for_workers(want, timeout=60)
+        if c["adaptive"] is not None or want:
+            assert client.submit(sum, [want, 1]).result(timeout=90) == want + 1
         else:
             assert client.run_on_scheduler(lambda: 7) == 7
 
