@@ -74,6 +74,7 @@ class ClusterRunner:
         self._follower: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         self._losses: deque[float] = deque()
+        self._lost_names: deque[str] = deque(maxlen=64)
         self._last_loss = ""
         self.task = asyncio.create_task(self._run(), name=f"cluster-{self.id}")
 
@@ -186,9 +187,23 @@ class ClusterRunner:
             await records.update(self.id, status=Status.STOPPING, stop_requested=True,
                                  stop_reason=reason)
         await self._unlink()
-        await self.rec.backend.stop_cluster(self.id)
+        await self._stop_processes()
         await records.update(self.id, status=Status.STOPPED, workers_running=0)
         self.log.info("stopped reason=%s", reason)
+
+    async def _stop_processes(self) -> None:
+        """Have the backend stop everything of the cluster, retrying until it confirms: the
+        record meanwhile stays live, its quota held, since something of it may still run."""
+        delay = 0.5
+        while True:
+            try:
+                await self.rec.backend.stop_cluster(self.id)
+                return
+            except Exception as exc:
+                self.rec.backend_error("stop")
+                self.log.warning("stop failed, again in %gs: %r", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _fail(self, reason: str) -> None:
         reason = reason if reason.startswith("failed") else f"failed: {reason}"
@@ -197,8 +212,7 @@ class ClusterRunner:
             return
         self.log.warning("ended reason=%r", reason)
         await self._unlink()
-        with contextlib.suppress(Exception):
-            await self.rec.backend.stop_cluster(self.id)
+        await self._stop_processes()
         await self.rec.records.update(self.id, status=Status.FAILED, stop_reason=reason,
                                       workers_running=0)
 
@@ -243,6 +257,9 @@ class ClusterRunner:
         return reap_reason(record, fresh, 0)
 
     def worker_lost(self, name: str, reason: str) -> None:
+        if name in self._lost_names:
+            return  # the same loss told twice counts once
+        self._lost_names.append(name)
         self.rec.backend_error("worker-lost")
         now = time.monotonic()
         self._losses.append(now)
@@ -296,10 +313,7 @@ class ClusterRunner:
         if record.status != Status.RUNNING or not record.scheduler_address:
             return
         if len(self._losses) >= WORKER_LOSS_LIMIT[0]:
-            await self.rec.records.update(
-                self.id, stop_requested=True,
-                stop_reason=f"failed: workers keep exiting ({self._last_loss})",
-            )
+            await self._fail(f"workers keep exiting ({self._last_loss})")
             return
         record = await self._adaptive_target(record)
         backend = self.rec.backend

@@ -27,17 +27,22 @@ TENANT = Tenant(name="acme", token_sha256=["0" * 64],
 
 
 class FaultyBackend(Backend):
-    """Starts that hang (until cancelled) or fail, and a record of every call made."""
+    """Misbehaves on purpose: starts that hang (until cancelled), fail or succeed; workers that
+    stay or die at once; stops that fail a number of times. Records every call made."""
 
     name = "faulty"
 
-    def __init__(self, start: str = "hang") -> None:
+    def __init__(self, start: str = "hang", workers: str = "stay", stop_failures: int = 0) -> None:
         self.start = start
+        self.workers = workers
+        self.stop_failures = stop_failures
         self.calls: list[tuple[str, str]] = []
         self.cancelled: set[str] = set()
+        self.live: dict[str, set[str]] = {}
+        self.events: BackendEvents | None = None
 
     async def open(self, events: BackendEvents) -> None:
-        pass
+        self.events = events
 
     async def close(self, stop_clusters: bool) -> None:
         pass
@@ -49,6 +54,8 @@ class FaultyBackend(Backend):
         self.calls.append(("start_scheduler", spec.cluster_id))
         if self.start == "fail":
             raise LaunchError("no capacity, on purpose")
+        if self.start == "ok":
+            return SchedulerEndpoint("tcp://127.0.0.1:1")  # no HTTP server: nothing to watch
         try:
             await asyncio.Event().wait()  # never fits
         except asyncio.CancelledError:
@@ -58,24 +65,39 @@ class FaultyBackend(Backend):
 
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
         self.calls.append(("start_workers", spec.cluster_id))
+        live = self.live.setdefault(spec.cluster_id, set())
+        live.update(names)
+        if self.workers == "die":
+            assert self.events is not None
+            for name in names:
+                live.discard(name)
+                await self.events.worker_lost(spec.cluster_id, name, "exit code 1, on purpose")
 
     async def stop_workers(self, cluster_id: str, names: Sequence[str]) -> None:
         self.calls.append(("stop_workers", cluster_id))
+        self.live.get(cluster_id, set()).difference_update(names)
 
     async def stop_cluster(self, cluster_id: str) -> None:
         self.calls.append(("stop_cluster", cluster_id))
+        if self.stop_failures:
+            self.stop_failures -= 1
+            raise LaunchError("the engine did not answer, on purpose")
+        self.live.pop(cluster_id, None)
 
     def live_workers(self, cluster_id: str) -> set[str]:
-        return set()
+        return set(self.live.get(cluster_id, set()))
 
 
 @pytest.fixture
 async def make(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[Provisioner] = []
 
-    async def build(backend: Backend, **settings: Any) -> Provisioner:
-        store = Store(f"sqlite:///{tmp_path / f'state{len(made)}.db'}",
-                      Keyring(Fernet.generate_key(), "a test key"))
+    key = Fernet.generate_key()
+
+    async def build(backend: Backend, state: str = "", **settings: Any) -> Provisioner:
+        """A service on ``backend``; services given the same ``state`` share their database."""
+        store = Store(f"sqlite:///{tmp_path / (state or f'state{len(made)}.db')}",
+                      Keyring(key, "a test key"))
         service = Provisioner(Settings(data_dir=tmp_path, tls=False, **settings),
                               TenantDirectory([TENANT]), store, backend)
         await service.start()
@@ -147,3 +169,97 @@ async def test_create_and_adapt_store_the_same_clamped_maximum(make: Any) -> Non
     assert (adapted.adaptive_minimum, adapted.adaptive_maximum, adapted.workers_requested) == (1, 3, 1)
     await service.delete(limited, created.id)
     assert (await _until(service, created.id, Status.STOPPED)).stop_reason == "user"
+
+
+async def test_workers_that_die_in_a_loop_fail_the_cluster_with_their_reason(make: Any) -> None:
+    backend = FaultyBackend("ok", workers="die")
+    service = await make(backend)
+    record = await service.create(TENANT, ClusterRequest(workers=2))
+    ended = await _until(service, record.id, Status.FAILED, Status.STOPPED, timeout=30)
+    assert ended.status == Status.FAILED
+    assert ended.stop_reason == "failed: workers keep exiting (exit code 1, on purpose)"
+    starts = backend.calls.count(("start_workers", record.id))
+    assert 4 <= starts <= 8, "replaced a few times, not forever"
+    assert backend.calls[-1] == ("stop_cluster", record.id)
+    assert (await service.usage(TENANT)).clusters == 0
+
+
+async def test_a_stop_that_fails_is_retried_and_holds_the_quota_until_it_succeeds(
+        make: Any) -> None:
+    backend = FaultyBackend("ok", stop_failures=2)
+    service = await make(backend)
+    record = await service.create(TENANT, ClusterRequest(workers=1))
+    await _until(service, record.id, Status.RUNNING)
+    await service.delete(TENANT, record.id)
+    await asyncio.sleep(0.2)  # the first attempt failed, the next waits 0.5 s
+    assert (await service.records.get(record.id)).status == Status.STOPPING
+    assert (await service.usage(TENANT)).clusters == 1, "something may still run: quota held"
+    ended = await _until(service, record.id, Status.STOPPED, Status.FAILED, timeout=10)
+    assert ended.status == Status.STOPPED and ended.stop_reason == "user"
+    assert backend.calls.count(("stop_cluster", record.id)) == 3
+    assert (await service.usage(TENANT)).clusters == 0
+
+
+async def test_duplicated_and_out_of_order_events_change_nothing_twice(make: Any) -> None:
+    backend = FaultyBackend("ok")
+    service = await make(backend)
+    events = service.reconciler
+    record = await service.create(TENANT, ClusterRequest(workers=1))
+    await _until(service, record.id, Status.RUNNING)
+    # One worker loss told nine times is one loss, not a loop of them.
+    name = next(iter(backend.live_workers(record.id)))
+    for _ in range(9):
+        await events.worker_lost(record.id, name, "exit code 1")
+    await asyncio.sleep(0.3)
+    assert (await service.records.get(record.id)).status == Status.RUNNING
+    # Events about clusters nobody knows are ignored.
+    await events.worker_lost("c-nobody", "c-nobody-w1", "exit code 1")
+    await events.scheduler_lost("c-nobody", "gone")
+    # The scheduler lost twice: the first reason stands.
+    await events.scheduler_lost(record.id, "scheduler task TASK_FAILED: first")
+    await events.scheduler_lost(record.id, "scheduler task TASK_KILLED: second")
+    ended = await _until(service, record.id, Status.FAILED, Status.STOPPED)
+    assert ended.stop_reason == "failed: scheduler task TASK_FAILED: first"
+    # A loss arriving after the end changes nothing either.
+    await events.worker_lost(record.id, name, "late")
+    await events.state_changed(record.id, {"scheduler": None, "workers": {}})
+    again = await service.records.get(record.id)
+    assert (again.status, again.stop_reason) == (Status.FAILED, ended.stop_reason)
+    assert (await service.usage(TENANT)).clusters == 0
+
+
+async def test_a_restarted_service_re_adopts_what_runs_and_fails_what_died(
+        make: Any, tmp_path: Path) -> None:
+    class Restarted(FaultyBackend):
+        """After the restart the engine says one scheduler is gone, the other alive."""
+
+        def __init__(self, gone: str) -> None:
+            super().__init__("ok")
+            self.gone = gone
+
+        async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]],
+                          ) -> dict[str, str | None]:
+            return {spec.cluster_id: "scheduler task TASK_LOST" if spec.cluster_id == self.gone
+                    else None for spec, _ in clusters}
+
+    first = await make(FaultyBackend("ok"), state="restart.db")
+    kept = await first.create(TENANT, ClusterRequest(workers=1))
+    lost = await first.create(TENANT, ClusterRequest(workers=1))
+    await _until(first, kept.id, Status.RUNNING)
+    await _until(first, lost.id, Status.RUNNING)
+    await first.stop(keep_clusters=True)
+
+    backend = Restarted(lost.id)
+    second = await make(backend, state="restart.db")
+    assert (await _until(second, kept.id, Status.RUNNING)).stop_reason is None
+    ended = await _until(second, lost.id, Status.FAILED)
+    assert ended.stop_reason == "failed: scheduler task TASK_LOST"
+    # The adopted cluster is driven again: its worker restarted, then it stops on request.
+    for _ in range(50):
+        if backend.live_workers(kept.id):
+            break
+        await asyncio.sleep(0.1)
+    assert backend.live_workers(kept.id), "the adopted cluster's worker is started again"
+    await second.delete(TENANT, kept.id)
+    assert (await _until(second, kept.id, Status.STOPPED)).stop_reason == "user"
+    assert (await second.usage(TENANT)).clusters == 0
