@@ -71,6 +71,14 @@ class AdaptiveOut(BaseModel):
     maximum: int
 
 
+class OutcomeOut(BaseModel):
+    """How a cluster ended (or why it is being stopped): a reason from a fixed list
+    (user, idle, no-client, service-shutdown, failed) and, for a failure, what happened."""
+
+    reason: str
+    detail: str | None
+
+
 class ClusterOut(BaseModel):
     id: str
     tenant: str
@@ -89,7 +97,9 @@ class ClusterOut(BaseModel):
     created_at: float
     started_at: float | None
     stopped_at: float | None
-    stop_reason: str | None
+    stop_reason: str | None = Field(
+        description="the outcome in one line: 'idle', 'failed: scheduler exited with status 1'")
+    outcome: OutcomeOut | None
 
     @classmethod
     def of(cls, r: ClusterRecord, base: str) -> ClusterOut:
@@ -106,7 +116,9 @@ class ClusterOut(BaseModel):
             idle_timeout=r.idle_timeout, no_client_timeout=r.no_client_timeout,
             image=r.image, tls=bool(r.credentials),
             created_at=r.created_at, started_at=r.started_at, stopped_at=r.stopped_at,
-            stop_reason=r.stop_reason,
+            stop_reason=r.outcome.summary() if r.outcome else None,
+            outcome=OutcomeOut(reason=r.outcome.reason.value, detail=r.outcome.detail)
+            if r.outcome else None,
         )
 
 

@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from bench.harness import write_results
-from clusters.base import ClusterSpec
+from clusters.base import ClusterSpec, Outcome
 from clusters.mesos import MesosBackend
 from clusters.mesos.tasks import mesos_cpus, mesos_mem
 from tests.mesos_master import AgentSpec, MesosMaster
@@ -60,8 +60,8 @@ class Events:
     async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
         self.states[cluster_id] = state
 
-    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
-        self.lost.append((cluster_id, "scheduler", reason))
+    async def scheduler_lost(self, cluster_id: str, outcome: Outcome) -> None:
+        self.lost.append((cluster_id, "scheduler", outcome.summary()))
 
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         self.lost.append((cluster_id, name, reason))

@@ -8,6 +8,7 @@ crash without harm.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,11 +56,40 @@ WORKER_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "65536",
 }
 
-#: How a backend says a scheduler ended by reaping itself: ``"reaped: idle"``.
-REAPED = "reaped: "
+class StopReason(enum.StrEnum):
+    """Why a cluster ended: the one list every path that ends a cluster chooses from."""
+
+    USER = "user"
+    IDLE = "idle"
+    NO_CLIENT = "no-client"
+    SHUTDOWN = "service-shutdown"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a cluster ended: a reason and, for a failure, what happened (plain text the
+    service wrote, from the backend's facts; never text a cluster process sent)."""
+
+    reason: StopReason
+    detail: str | None = None
+
+    @classmethod
+    def failed(cls, detail: str) -> Outcome:
+        return cls(StopReason.FAILED, detail)
+
+    @property
+    def is_failure(self) -> bool:
+        return self.reason == StopReason.FAILED
+
+    def summary(self) -> str:
+        """One line for people: ``idle``, ``failed: scheduler exited with status 1``."""
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
+
+
 #: A scheduler that reaped itself exits with one of these statuses (any other end is a kill,
 #: or status 3); a small enum, since everything a cluster process says is the tenant's to forge.
-REAP_EXIT_CODES = {"idle": 80, "no-client": 81}
+REAP_EXIT_CODES = {StopReason.IDLE: 80, StopReason.NO_CLIENT: 81}
 REAP_REASONS = {code: reason for reason, code in REAP_EXIT_CODES.items()}
 #: The local backend may be away when a scheduler reaps itself (its exit status then reaches
 #: no one), so the scheduler also writes its reason, one word, to this file in its folder.
@@ -120,8 +150,8 @@ class BackendEvents(Protocol):
     async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
         """Persist the backend's state of this cluster (process ids, task ids, ...)."""
 
-    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
-        """The scheduler is gone without being asked to stop."""
+    async def scheduler_lost(self, cluster_id: str, outcome: Outcome) -> None:
+        """The scheduler is gone without being asked to stop: reaped itself, or failed."""
 
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         """A worker is gone without being asked to stop."""
@@ -148,11 +178,12 @@ class Backend(abc.ABC):
         """Stop reporting; stop every cluster's processes too if ``stop_clusters``."""
 
     @abc.abstractmethod
-    async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]]) -> dict[str, str | None]:
+    async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]],
+                      ) -> dict[str, Outcome | None]:
         """Re-adopt clusters after a restart; kill anything of ours not in ``clusters``.
 
         Returns, per cluster id, None if its scheduler is alive (and now watched again) or
-        the reason it is gone.
+        how it ended.
         """
 
     @abc.abstractmethod

@@ -82,7 +82,7 @@ class Metrics:
         if after.status == Status.RUNNING and was != Status.RUNNING and after.started_at:
             self.start_latency.labels(after.tenant).observe(after.started_at - after.created_at)
         if after.status.terminal and was is not None and not was.terminal:
-            reason = (after.stop_reason or "unknown").split(":", 1)[0]
+            reason = after.stop_reason.value if after.stop_reason else "unknown"
             self.stops.labels(after.tenant, reason).inc()
             if reason in ("idle", "no-client"):
                 self.reaps.labels(after.tenant, reason).inc()

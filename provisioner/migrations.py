@@ -11,13 +11,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 #: The meta-table key holding the schema's version.
 VERSION_KEY = "schema_version"
 
+def _outcome_columns(conn: Connection) -> None:
+    """2: how a cluster ended is a reason from a fixed list plus a detail. Version 1 kept one
+    string (``failed: scheduler exited ...``); the reason and detail are split out of it."""
+    conn.exec_driver_sql("ALTER TABLE clusters ADD COLUMN stop_detail TEXT")
+    known = {"user", "idle", "no-client", "service-shutdown", "failed"}
+    rows = conn.exec_driver_sql(
+        "SELECT id, stop_reason FROM clusters WHERE stop_reason IS NOT NULL").all()
+    for cluster_id, stored in rows:
+        reason, _, detail = str(stored).partition(": ")
+        if reason not in known or (reason != "failed" and detail):
+            reason, detail = "failed", str(stored)
+        conn.execute(text("UPDATE clusters SET stop_reason = :reason, stop_detail = :detail "
+                          "WHERE id = :id"),
+                     {"reason": reason, "detail": detail or None, "id": cluster_id})
+
+
 #: ``STEPS[i]`` takes a database from version ``i + 1`` to ``i + 2``, inside one transaction.
-STEPS: list[Callable[[Connection], None]] = []
+STEPS: list[Callable[[Connection], None]] = [_outcome_columns]
 
 LATEST = 1 + len(STEPS)
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from clusters.base import Outcome, StopReason
+
 
 class Status(enum.StrEnum):
     PENDING = "pending"
@@ -37,13 +39,6 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 }
 
 LIVE = (Status.PENDING, Status.STARTING, Status.RUNNING, Status.STOPPING)
-
-
-class StopReason(enum.StrEnum):
-    USER = "user"
-    IDLE = "idle"
-    NO_CLIENT = "no-client"
-    SHUTDOWN = "service-shutdown"
 
 
 #: What every cluster id looks like; anything else is known not to exist without asking the
@@ -78,12 +73,22 @@ class ClusterRecord:
     dashboard_url: str | None = None
     workers_running: int = 0
     stop_requested: bool = False
-    stop_reason: str | None = None
+    #: Why it ended (set when a stop is asked, or at the end), and for a failure what happened.
+    stop_reason: StopReason | None = None
+    stop_detail: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     stopped_at: float | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
     credentials: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stop_reason is not None and not isinstance(self.stop_reason, StopReason):
+            object.__setattr__(self, "stop_reason", StopReason(self.stop_reason))
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return Outcome(self.stop_reason, self.stop_detail) if self.stop_reason else None
 
     @property
     def adaptive(self) -> bool:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from clusters.base import BACKEND_KEY, REAPED, Backend, ClusterSpec, LaunchError
+from clusters.base import BACKEND_KEY, Backend, ClusterSpec, LaunchError, Outcome
 from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.reaping import reap_reason
@@ -94,7 +94,7 @@ class ClusterRunner:
             raise
         except Exception as exc:
             self.log.exception("runner crashed")
-            await self._fail(f"internal error: {exc!r}")
+            await self._end(Outcome.failed(f"internal error: {exc!r}"))
         finally:
             await self._unlink()
             self.rec.runners.pop(self.id, None)
@@ -110,7 +110,7 @@ class ClusterRunner:
             self.kick.clear()  # before looking: a change from here on wakes the next round
             record = self.record
             if record.stop_requested or record.status == Status.STOPPING:
-                await self._stop(record.stop_reason or StopReason.USER)
+                await self._end(record.outcome or Outcome(StopReason.USER))
                 return
             if record.status.terminal:
                 return
@@ -139,7 +139,7 @@ class ClusterRunner:
         except (LaunchError, TimeoutError) as exc:
             self.rec.backend_error("scheduler-start")
             reason = str(exc) or f"scheduler not up after {self.rec.settings.start_timeout:g}s"
-            await self._fail(reason)
+            await self._end(Outcome.failed(reason))
             return False
         if endpoint is None or self.record.stop_requested:
             self.log.info("asked to stop while starting")
@@ -180,16 +180,21 @@ class ClusterRunner:
                 with contextlib.suppress(BaseException):
                     await work
 
-    async def _stop(self, reason: str) -> None:
-        self.log.info("stopping reason=%s", reason)
-        records = self.rec.records
-        if self.record.status != Status.STOPPING:
-            await records.update(self.id, status=Status.STOPPING, stop_requested=True,
-                                 stop_reason=reason)
+    async def _end(self, outcome: Outcome) -> None:
+        """End the cluster, whatever the cause: its processes are stopped first (the record
+        stays live and holds its quota until they are gone), then the record is ended."""
+        record = self.rec.records.cached(self.id)
+        if record is None or record.status.terminal:
+            return
+        level = logging.WARNING if outcome.is_failure else logging.INFO
+        self.log.log(level, "ending outcome=%r", outcome.summary())
+        if not outcome.is_failure and record.status != Status.STOPPING:
+            await self.rec.records.update(self.id, status=Status.STOPPING, stop_requested=True,
+                                          stop_reason=outcome.reason, stop_detail=outcome.detail)
         await self._unlink()
         await self._stop_processes()
-        await records.update(self.id, status=Status.STOPPED, workers_running=0)
-        self.log.info("stopped reason=%s", reason)
+        await self.rec.records.end(self.id, outcome)
+        self.log.info("ended outcome=%r", outcome.summary())
 
     async def _stop_processes(self) -> None:
         """Have the backend stop everything of the cluster, retrying until it confirms: the
@@ -204,17 +209,6 @@ class ClusterRunner:
                 self.log.warning("stop failed, again in %gs: %r", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-
-    async def _fail(self, reason: str) -> None:
-        reason = reason if reason.startswith("failed") else f"failed: {reason}"
-        record = self.rec.records.cached(self.id)
-        if record is None or record.status.terminal:
-            return
-        self.log.warning("ended reason=%r", reason)
-        await self._unlink()
-        await self._stop_processes()
-        await self.rec.records.update(self.id, status=Status.FAILED, stop_reason=reason,
-                                      workers_running=0)
 
     # -- observing -----------------------------------------------------------------------
 
@@ -313,7 +307,7 @@ class ClusterRunner:
         if record.status != Status.RUNNING or not record.scheduler_address:
             return
         if len(self._losses) >= WORKER_LOSS_LIMIT[0]:
-            await self._fail(f"workers keep exiting ({self._last_loss})")
+            await self._end(Outcome.failed(f"workers keep exiting ({self._last_loss})"))
             return
         record = await self._adaptive_target(record)
         backend = self.rec.backend
@@ -377,7 +371,7 @@ class Reconciler:
             runner.kick.set()
 
     async def recover(self) -> None:
-        """After a (re)start: re-adopt what still runs, fail what died, resume the rest."""
+        """After a (re)start: re-adopt what still runs, end what died, resume the rest."""
         live = await self.records.load_live()
         specs = [(spec_for(r, self.tenants, self.settings.orphan_lease), r.backend_state)
                  for r in live]
@@ -390,20 +384,12 @@ class Reconciler:
                 continue
             self.ensure(self.records.cached(record.id) or record)
 
-    async def _end_lost(self, record: ClusterRecord, lost: str, when: str = "") -> None:
-        """Record the end of a cluster whose scheduler is gone: stopped with its reason if it
-        reaped itself (``REAPED`` + reason), failed with what happened otherwise."""
+    async def _end_lost(self, record: ClusterRecord, outcome: Outcome, when: str = "") -> None:
+        """Record the end of a cluster whose scheduler is gone: it reaped itself, or failed."""
         log = cluster_log(logger, record.tenant, record.id)
-        if lost.startswith(REAPED):
-            reason = lost.removeprefix(REAPED)
-            log.info("reaped itself%s reason=%s", when, reason)
-            await self.records.update(record.id, status=Status.STOPPING, stop_requested=True,
-                                      stop_reason=reason)
-            await self.records.update(record.id, status=Status.STOPPED, workers_running=0)
-        else:
-            log.warning("scheduler lost%s: %s", when, lost)
-            await self.records.update(record.id, status=Status.FAILED,
-                                      stop_reason=f"failed: {lost}", workers_running=0)
+        log.log(logging.WARNING if outcome.is_failure else logging.INFO,
+                "scheduler ended%s outcome=%r", when, outcome.summary())
+        await self.records.end(record.id, outcome)
 
     async def shutdown(self, stop_clusters: bool) -> None:
         runners = list(self.runners.values())
@@ -414,15 +400,7 @@ class Reconciler:
             async def stop(record: ClusterRecord) -> None:
                 with contextlib.suppress(Exception):
                     await self.backend.stop_cluster(record.id)
-                    if record.status == Status.PENDING:
-                        await self.records.update(record.id, status=Status.STOPPED,
-                                                  stop_reason=StopReason.SHUTDOWN)
-                        return
-                    if record.status != Status.STOPPING:
-                        await self.records.update(record.id, status=Status.STOPPING,
-                                                  stop_reason=StopReason.SHUTDOWN)
-                    await self.records.update(record.id, status=Status.STOPPED,
-                                              workers_running=0)
+                    await self.records.end(record.id, Outcome(StopReason.SHUTDOWN))
 
             await asyncio.gather(*(stop(r) for r in self.records.live()))
         await self.backend.close(stop_clusters=False)
@@ -435,12 +413,12 @@ class Reconciler:
         if record is not None and record.backend_state != state:
             await self.records.update(cluster_id, backend_state=state)
 
-    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
+    async def scheduler_lost(self, cluster_id: str, outcome: Outcome) -> None:
         record = self.records.cached(cluster_id)
         if record is None or record.status.terminal or record.status == Status.STOPPING:
             return
         # Record the end first: whatever the runner is doing, it finds a terminal record.
-        await self._end_lost(record, reason)
+        await self._end_lost(record, outcome)
         runner = self.runners.get(cluster_id)
         if runner is not None:
             runner.task.cancel()

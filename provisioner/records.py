@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from provisioner.models import ClusterRecord
+from provisioner.models import ClusterRecord, Outcome, Status
 from provisioner.quota import Usage
 from provisioner.store import Store
 from provisioner.tenants import Quota
@@ -81,6 +81,23 @@ class Records:
     async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:
         async with self._write_lock(cluster_id):
             return self._put(await self.store.update(cluster_id, **changes))
+
+    async def end(self, cluster_id: str, outcome: Outcome) -> ClusterRecord:
+        """The one way a record ends: stopped for a reason, or failed with what happened.
+        Whoever calls it has seen the cluster's processes gone; a record already ended keeps
+        its first outcome."""
+        async with self._write_lock(cluster_id):
+            record = await self.get(cluster_id)
+            if record.status.terminal:
+                return record
+            ending = {"stop_requested": True, "stop_reason": outcome.reason,
+                      "stop_detail": outcome.detail, "workers_running": 0}
+            if outcome.is_failure:
+                return self._put(await self.store.update(cluster_id, status=Status.FAILED,
+                                                         **ending))
+            if record.status != Status.STOPPING:
+                self._put(await self.store.update(cluster_id, status=Status.STOPPING, **ending))
+            return self._put(await self.store.update(cluster_id, status=Status.STOPPED, **ending))
 
     async def usage(self, tenant: str) -> Usage:
         return Usage.of(r for r in self._live.values() if r.tenant == tenant)

@@ -16,7 +16,14 @@ from clusters.base import Backend
 from clusters.logs import cluster_log
 from provisioner.admission import InvalidRequest, adaptive_size, fixed_size
 from provisioner.metrics import Metrics
-from provisioner.models import CLUSTER_ID_PATTERN, ClusterRecord, Status, StopReason, new_cluster_id
+from provisioner.models import (
+    CLUSTER_ID_PATTERN,
+    ClusterRecord,
+    Outcome,
+    Status,
+    StopReason,
+    new_cluster_id,
+)
 from provisioner.quota import QuotaExceeded, Usage
 from provisioner.reconciler import Reconciler
 from provisioner.records import Records
@@ -194,9 +201,7 @@ class Provisioner:
         if record.status.terminal or record.stop_requested:
             return record
         if record.status == Status.PENDING and record.id not in self.reconciler.runners:
-            record = await self.records.update(cluster_id, status=Status.STOPPED,
-                                               stop_requested=True, stop_reason=StopReason.USER)
-            return record
+            return await self.records.end(cluster_id, Outcome(StopReason.USER))
         record = await self.records.update(cluster_id, stop_requested=True,
                                            stop_reason=StopReason.USER)
         self.reconciler.ensure(record)

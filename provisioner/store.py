@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from provisioner import migrations
-from provisioner.models import LIVE, ClusterRecord, Status
+from provisioner.models import LIVE, ClusterRecord, Status, StopReason
 from provisioner.quota import Usage, check_fits, check_workers_per_cluster, workers_that_fit
 from provisioner.secrets import Keyring, WrongKey
 from provisioner.tenants import Quota
@@ -57,6 +57,7 @@ clusters_table = sa.Table(
     sa.Column("dashboard_url", sa.String(256)),
     sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("stop_reason", sa.Text),
+    sa.Column("stop_detail", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("started_at", sa.Float),
     sa.Column("stopped_at", sa.Float),
@@ -176,6 +177,7 @@ class Store:
     def _row_to_record(self, row: sa.Row[Any]) -> ClusterRecord:
         data = dict(row._mapping)
         data["status"] = Status(data["status"])
+        data["stop_reason"] = StopReason(data["stop_reason"]) if data["stop_reason"] else None
         data["credentials"] = self._open_credentials(data["credentials"])
         return ClusterRecord(**data)
 
@@ -186,6 +188,8 @@ class Store:
                if columns is None or f.name in columns}
         if "status" in row:
             row["status"] = record.status.value
+        if row.get("stop_reason"):
+            row["stop_reason"] = StopReason(row["stop_reason"]).value
         if "credentials" in row:
             row["credentials"] = self._seal_credentials(record.credentials)
         return row

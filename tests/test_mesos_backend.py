@@ -22,7 +22,7 @@ import pytest
 from cryptography.fernet import Fernet
 from distributed import Client
 
-from clusters.base import ClusterSpec, LaunchError
+from clusters.base import ClusterSpec, LaunchError, Outcome
 from clusters.mesos import MesosBackend
 from tests.mesos_master import AgentSpec, MesosMaster, MesosMasterProcess
 from tests.service import GiB, ServiceProcess, tenant, wait_until
@@ -462,14 +462,14 @@ class Events:
     def __init__(self, saved: dict[str, Any] | None = None) -> None:
         self.saved: dict[str, Any] = saved if saved is not None else {}
         self.states: dict[str, dict[str, Any]] = {}
-        self.schedulers_lost: list[tuple[str, str]] = []
+        self.schedulers_lost: list[tuple[str, Outcome]] = []
         self.workers_lost: list[tuple[str, str, str]] = []
 
     async def state_changed(self, cluster_id: str, state: dict[str, Any]) -> None:
         self.states[cluster_id] = state
 
-    async def scheduler_lost(self, cluster_id: str, reason: str) -> None:
-        self.schedulers_lost.append((cluster_id, reason))
+    async def scheduler_lost(self, cluster_id: str, outcome: Outcome) -> None:
+        self.schedulers_lost.append((cluster_id, outcome))
 
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         self.workers_lost.append((cluster_id, name, reason))
@@ -545,7 +545,7 @@ async def test_backend_acks_kills_and_restarts_without_teardown() -> None:
             assert again.client.framework_id == fw_id
             assert master.state()["frameworks"][0]["roles"] == ["acme"]  # kept with the id
             assert await again.recover([(spec(), {"scheduler": None, "workers": {}})]) == {
-                "c1": "no scheduler task"}
+                "c1": Outcome.failed("no scheduler task")}
             await eventually(lambda: task_states(master)["c1-w2"] == "TASK_KILLED")
         finally:
             await again.close(stop_clusters=False)

@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from clusters.base import Backend, BackendEvents, ClusterSpec, LaunchError, SchedulerEndpoint
+from clusters.base import (
+    Backend,
+    BackendEvents,
+    ClusterSpec,
+    LaunchError,
+    Outcome,
+    SchedulerEndpoint,
+    StopReason,
+)
 from provisioner.models import Status
 from provisioner.secrets import Keyring
 from provisioner.service import ClusterRequest, Provisioner
@@ -47,7 +55,8 @@ class FaultyBackend(Backend):
     async def close(self, stop_clusters: bool) -> None:
         pass
 
-    async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]]) -> dict[str, str | None]:
+    async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]],
+                      ) -> dict[str, Outcome | None]:
         return {spec.cluster_id: None for spec, _ in clusters}
 
     async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
@@ -127,7 +136,7 @@ async def test_delete_interrupts_a_start_that_never_completes(make: Any) -> None
 
     await service.delete(TENANT, record.id)
     ended = await _until(service, record.id, Status.STOPPED, Status.FAILED, timeout=5)
-    assert ended.status == Status.STOPPED and ended.stop_reason == "user"
+    assert ended.status == Status.STOPPED and ended.outcome == Outcome(StopReason.USER)
     assert record.id in backend.cancelled, "the start must be cancelled, not left running"
     assert ("stop_cluster", record.id) in backend.calls, "whatever it launched is stopped"
     assert ("start_workers", record.id) not in backend.calls
@@ -139,7 +148,7 @@ async def test_a_start_past_its_timeout_fails_and_is_cancelled(make: Any) -> Non
     service = await make(backend, start_timeout=0.5)
     record = await service.create(TENANT, ClusterRequest(workers=0))
     ended = await _until(service, record.id, Status.STOPPED, Status.FAILED)
-    assert ended.status == Status.FAILED and "not up after 0.5s" in (ended.stop_reason or "")
+    assert ended.status == Status.FAILED and "not up after 0.5s" in (ended.stop_detail or "")
     assert record.id in backend.cancelled
     assert (await service.usage(TENANT)).clusters == 0
 
@@ -149,7 +158,8 @@ async def test_a_failing_start_fails_the_cluster_with_the_backend_reason(make: A
     service = await make(backend)
     record = await service.create(TENANT, ClusterRequest(workers=0))
     ended = await _until(service, record.id, Status.STOPPED, Status.FAILED)
-    assert ended.status == Status.FAILED and ended.stop_reason == "failed: no capacity, on purpose"
+    assert ended.status == Status.FAILED
+    assert ended.outcome == Outcome.failed("no capacity, on purpose")
     assert ("stop_cluster", record.id) in backend.calls
     # A delete after the end changes nothing.
     again = await service.delete(TENANT, record.id)
@@ -168,7 +178,7 @@ async def test_create_and_adapt_store_the_same_clamped_maximum(make: Any) -> Non
     adapted = await service.adapt(limited, created.id, 1, 50)
     assert (adapted.adaptive_minimum, adapted.adaptive_maximum, adapted.workers_requested) == (1, 3, 1)
     await service.delete(limited, created.id)
-    assert (await _until(service, created.id, Status.STOPPED)).stop_reason == "user"
+    assert (await _until(service, created.id, Status.STOPPED)).stop_reason == StopReason.USER
 
 
 async def test_workers_that_die_in_a_loop_fail_the_cluster_with_their_reason(make: Any) -> None:
@@ -177,7 +187,7 @@ async def test_workers_that_die_in_a_loop_fail_the_cluster_with_their_reason(mak
     record = await service.create(TENANT, ClusterRequest(workers=2))
     ended = await _until(service, record.id, Status.FAILED, Status.STOPPED, timeout=30)
     assert ended.status == Status.FAILED
-    assert ended.stop_reason == "failed: workers keep exiting (exit code 1, on purpose)"
+    assert ended.outcome == Outcome.failed("workers keep exiting (exit code 1, on purpose)")
     starts = backend.calls.count(("start_workers", record.id))
     assert 4 <= starts <= 8, "replaced a few times, not forever"
     assert backend.calls[-1] == ("stop_cluster", record.id)
@@ -195,7 +205,7 @@ async def test_a_stop_that_fails_is_retried_and_holds_the_quota_until_it_succeed
     assert (await service.records.get(record.id)).status == Status.STOPPING
     assert (await service.usage(TENANT)).clusters == 1, "something may still run: quota held"
     ended = await _until(service, record.id, Status.STOPPED, Status.FAILED, timeout=10)
-    assert ended.status == Status.STOPPED and ended.stop_reason == "user"
+    assert ended.status == Status.STOPPED and ended.outcome == Outcome(StopReason.USER)
     assert backend.calls.count(("stop_cluster", record.id)) == 3
     assert (await service.usage(TENANT)).clusters == 0
 
@@ -214,17 +224,17 @@ async def test_duplicated_and_out_of_order_events_change_nothing_twice(make: Any
     assert (await service.records.get(record.id)).status == Status.RUNNING
     # Events about clusters nobody knows are ignored.
     await events.worker_lost("c-nobody", "c-nobody-w1", "exit code 1")
-    await events.scheduler_lost("c-nobody", "gone")
+    await events.scheduler_lost("c-nobody", Outcome.failed("gone"))
     # The scheduler lost twice: the first reason stands.
-    await events.scheduler_lost(record.id, "scheduler task TASK_FAILED: first")
-    await events.scheduler_lost(record.id, "scheduler task TASK_KILLED: second")
+    await events.scheduler_lost(record.id, Outcome.failed("scheduler task TASK_FAILED: first"))
+    await events.scheduler_lost(record.id, Outcome(StopReason.IDLE))
     ended = await _until(service, record.id, Status.FAILED, Status.STOPPED)
-    assert ended.stop_reason == "failed: scheduler task TASK_FAILED: first"
+    assert ended.outcome == Outcome.failed("scheduler task TASK_FAILED: first")
     # A loss arriving after the end changes nothing either.
     await events.worker_lost(record.id, name, "late")
     await events.state_changed(record.id, {"scheduler": None, "workers": {}})
     again = await service.records.get(record.id)
-    assert (again.status, again.stop_reason) == (Status.FAILED, ended.stop_reason)
+    assert (again.status, again.outcome) == (Status.FAILED, ended.outcome)
     assert (await service.usage(TENANT)).clusters == 0
 
 
@@ -238,9 +248,9 @@ async def test_a_restarted_service_re_adopts_what_runs_and_fails_what_died(
             self.gone = gone
 
         async def recover(self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]],
-                          ) -> dict[str, str | None]:
-            return {spec.cluster_id: "scheduler task TASK_LOST" if spec.cluster_id == self.gone
-                    else None for spec, _ in clusters}
+                          ) -> dict[str, Outcome | None]:
+            return {spec.cluster_id: Outcome.failed("scheduler task TASK_LOST")
+                    if spec.cluster_id == self.gone else None for spec, _ in clusters}
 
     first = await make(FaultyBackend("ok"), state="restart.db")
     kept = await first.create(TENANT, ClusterRequest(workers=1))
@@ -253,7 +263,7 @@ async def test_a_restarted_service_re_adopts_what_runs_and_fails_what_died(
     second = await make(backend, state="restart.db")
     assert (await _until(second, kept.id, Status.RUNNING)).stop_reason is None
     ended = await _until(second, lost.id, Status.FAILED)
-    assert ended.stop_reason == "failed: scheduler task TASK_LOST"
+    assert ended.outcome == Outcome.failed("scheduler task TASK_LOST")
     # The adopted cluster is driven again: its worker restarted, then it stops on request.
     for _ in range(50):
         if backend.live_workers(kept.id):
@@ -261,5 +271,5 @@ async def test_a_restarted_service_re_adopts_what_runs_and_fails_what_died(
         await asyncio.sleep(0.1)
     assert backend.live_workers(kept.id), "the adopted cluster's worker is started again"
     await second.delete(TENANT, kept.id)
-    assert (await _until(second, kept.id, Status.STOPPED)).stop_reason == "user"
+    assert (await _until(second, kept.id, Status.STOPPED)).outcome == Outcome(StopReason.USER)
     assert (await second.usage(TENANT)).clusters == 0

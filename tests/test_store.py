@@ -12,7 +12,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from provisioner import migrations
-from provisioner.models import ClusterRecord, Status, new_cluster_id
+from provisioner.models import ClusterRecord, Outcome, Status, StopReason, new_cluster_id
 from provisioner.quota import QuotaExceeded
 from provisioner.records import Records
 from provisioner.secrets import Keyring
@@ -121,7 +121,8 @@ async def test_cache_follows_commit_order_when_writes_finish_out_of_order(
     monkeypatch.setattr(store, "_update", slow_first)
     first = asyncio.create_task(records.update(rec.id, workers_running=1))
     await asyncio.sleep(0.05)
-    await records.update(rec.id, status=Status.FAILED, stop_reason="failed: test")
+    await records.update(rec.id, status=Status.FAILED, stop_reason=StopReason.FAILED,
+                         stop_detail="test")
     await first
     in_db = await store.get(rec.id)
     assert in_db.status == Status.FAILED
@@ -221,10 +222,51 @@ async def test_a_fresh_database_gets_this_releases_schema_version(store: Store) 
     assert await store.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST)
 
 
-async def test_a_database_from_before_versions_is_version_one_and_moves_on(store: Store) -> None:
-    await store.set_meta(migrations.VERSION_KEY, None)
-    assert await asyncio.to_thread(store.migrate) == migrations.LATEST
-    assert await store.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST)
+#: tests/data/state-v1.db was written by release 1 of the store (schema version 1: one
+#: ``stop_reason`` string per cluster) with this key; it is kept to prove every later release
+#: still upgrades it.
+V1_KEY = b"eb6KW1QvgEhFnAp5gxdjhUlRR6DzU7H6-l73gNKJrqM="
+
+
+@pytest.mark.state_agnostic
+@pytest.mark.parametrize("version_row", [True, False], ids=["versioned", "before-versions"])
+async def test_a_release_1_database_is_upgraded_keeping_every_record(
+        tmp_path: Path, version_row: bool) -> None:
+    import shutil
+
+    import sqlalchemy as sa
+
+    path = tmp_path / "state.db"
+    shutil.copy(Path(__file__).parent / "data" / "state-v1.db", path)
+    if not version_row:  # as written before versions were stored: read as version 1
+        with sa.create_engine(f"sqlite:///{path}").begin() as conn:
+            conn.execute(sa.text("DELETE FROM meta WHERE key = 'schema_version'"))
+    old = Store(f"sqlite:///{path}", Keyring(V1_KEY, "the v1 test key"))
+    try:
+        assert await asyncio.to_thread(old.migrate) == migrations.LATEST
+        await old.open(["acme"])
+        assert await old.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST)
+        ended = {cid: (await old.get(cid)).outcome for cid in (f"c-00000000000{i}" for i in range(1, 8))}
+        assert ended == {
+            "c-000000000001": None,
+            "c-000000000002": Outcome(StopReason.USER),
+            "c-000000000003": Outcome(StopReason.IDLE),
+            "c-000000000004": Outcome(StopReason.NO_CLIENT),
+            "c-000000000005": Outcome(StopReason.SHUTDOWN),
+            "c-000000000006": Outcome.failed("scheduler exited with status 1"),
+            "c-000000000007": Outcome.failed("workers keep exiting (worker killed: 9)"),
+        }
+        live = await old.list_live()
+        assert [r.id for r in live] == ["c-000000000001"]
+        assert live[0].credentials == {"ca": "CA", "cert": "CERT", "key": "KEY"}
+        assert live[0].env == {"A": "1"} and live[0].scheduler_address == "tls://127.0.0.1:1"
+        assert (await old.usage("acme")).clusters == 1
+        # Upgraded records take this release's writes.
+        await old.update("c-000000000001", status=Status.FAILED,
+                         stop_reason=StopReason.FAILED, stop_detail="after the upgrade")
+        assert (await old.get("c-000000000001")).outcome == Outcome.failed("after the upgrade")
+    finally:
+        await old.close()
 
 
 async def test_steps_run_once_in_order_and_a_newer_schema_is_refused(

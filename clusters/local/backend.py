@@ -23,14 +23,15 @@ from typing import Any, Protocol
 
 from clusters.base import (
     REAP_EXIT_CODES,
-    REAPED,
     REAPED_FILE,
     WORKER_ENV,
     Backend,
     BackendEvents,
     ClusterSpec,
     LaunchError,
+    Outcome,
     SchedulerEndpoint,
+    StopReason,
 )
 from clusters.local.confinement import Confinement
 from clusters.local.forkserver import default_launcher
@@ -143,9 +144,9 @@ class LocalBackend(Backend):
                 return
             cluster.scheduler = None
             await self._save(cluster_id)
-            why = await asyncio.to_thread(self._reaped_reason, cluster, code) \
-                or f"scheduler {exit_reason(code)}"
-            await self._events.scheduler_lost(cluster_id, why)
+            outcome = await asyncio.to_thread(self._reaped_reason, cluster, code) \
+                or Outcome.failed(f"scheduler {exit_reason(code)}")
+            await self._events.scheduler_lost(cluster_id, outcome)
         else:
             if cluster.workers.get(name) != ref:
                 return
@@ -285,8 +286,8 @@ class LocalBackend(Backend):
 
     async def recover(
         self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]]
-    ) -> dict[str, str | None]:
-        result: dict[str, str | None] = {}
+    ) -> dict[str, Outcome | None]:
+        result: dict[str, Outcome | None] = {}
         known: set[int] = set()
         for spec, state in clusters:
             cluster = self._cluster(spec.cluster_id, spec)
@@ -299,7 +300,7 @@ class LocalBackend(Backend):
                 result[spec.cluster_id] = None
             else:
                 result[spec.cluster_id] = self._reaped_reason(cluster, None) \
-                    or "scheduler process gone while the service was down"
+                    or Outcome.failed("scheduler process gone while the service was down")
             for name, data in (state.get("workers") or {}).items():
                 wref = ProcessRef.from_dict(data)
                 if is_alive(wref) and result[spec.cluster_id] is None:
@@ -315,7 +316,7 @@ class LocalBackend(Backend):
         await asyncio.gather(*(terminate(r, grace=2) for r in strays))
         return result
 
-    def _end_unaccounted(self, outcome: dict[str, str | None]) -> None:
+    def _end_unaccounted(self, outcome: dict[str, Outcome | None]) -> None:
         """Kill, by cgroup, every process of ours that no record accounts for: clusters with
         no record or a dead scheduler, and processes a live cluster no longer knows."""
         for cluster_id in self.confinement.clusters_with_cgroups():
@@ -331,14 +332,14 @@ class LocalBackend(Backend):
                     self.confinement.end(cluster_id, process)
 
     @staticmethod
-    def _reaped_reason(cluster: _Cluster, code: int | None) -> str | None:
+    def _reaped_reason(cluster: _Cluster, code: int | None) -> Outcome | None:
         """Why a scheduler reaped itself (None: it did not): its exit status when this service
         was its parent's, else the one word it left in its folder."""
         for reason, reaped_code in REAP_EXIT_CODES.items():
             if code == reaped_code:
-                return REAPED + reason
-        word = read_word(cluster.directory, REAPED_FILE, set(REAP_EXIT_CODES))
-        return REAPED + word if word else None
+                return Outcome(reason)
+        word = read_word(cluster.directory, REAPED_FILE, {r.value for r in REAP_EXIT_CODES})
+        return Outcome(StopReason(word)) if word else None
 
     def _find_ours(self, known: set[int]) -> list[ProcessRef]:
         """Without cgroups, processes are known by the marker in their environment."""

@@ -24,11 +24,11 @@ from typing import Any
 
 from clusters.base import (
     REAP_REASONS,
-    REAPED,
     Backend,
     BackendEvents,
     ClusterSpec,
     LaunchError,
+    Outcome,
     SchedulerEndpoint,
 )
 from clusters.logs import cluster_log
@@ -73,11 +73,12 @@ def describe(status: dict[str, Any]) -> str:
 UNCONFIRMED_END = "ENDED_UNCONFIRMED"
 
 
-def reaped_reason(status: dict[str, Any]) -> str | None:
+def reaped_reason(status: dict[str, Any]) -> Outcome | None:
     """Why a scheduler task reaped itself, read from the exit status its executor reports
     (``clusters.base.REAP_EXIT_CODES``); None for any other end."""
     found = re.fullmatch(r"Command exited with status (\d{1,3})", str(status.get("message", "")))
-    return REAP_REASONS.get(int(found.group(1))) if found else None
+    reason = REAP_REASONS.get(int(found.group(1))) if found else None
+    return Outcome(reason) if reason else None
 
 
 @dataclass
@@ -119,7 +120,8 @@ class _Cluster:
     launching: bool = False
     stopped: bool = False
     recovering: bool = False
-    lost_reason: str | None = None
+    #: how its scheduler ended, learnt while recovering
+    lost: Outcome | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def tasks(self) -> list[TaskRef]:
@@ -486,15 +488,13 @@ class MesosBackend(Backend):
             # whether it reaped itself) comes with the agent's own update, which the agent
             # sends again until acknowledged: recovery waits a while for it.
             ref.state = UNCONFIRMED_END
-            cluster.lost_reason = f"scheduler task {reason}"
+            cluster.lost = Outcome.failed(f"scheduler task {reason}")
             return
-        reaped = reaped_reason(status)
-        if ref is cluster.scheduler and reaped and task_id not in cluster.stopping:
-            reason = REAPED + reaped
+        reaped = reaped_reason(status) if ref is cluster.scheduler else None
+        lost = reaped or Outcome.failed(f"scheduler task {reason}")
         ref.state = state
         self._tasks.pop(task_id, None)
         wanted_end = task_id in cluster.stopping or cluster.stopped
-        lost = reason if reason.startswith(REAPED) else f"scheduler task {reason}"
         cluster.stopping.discard(task_id)
         if ref is cluster.scheduler:
             cluster.scheduler = None
@@ -503,7 +503,7 @@ class MesosBackend(Backend):
             elif cluster.launching:
                 pass  # start_scheduler sees the state and decides
             elif cluster.recovering:
-                cluster.lost_reason = lost
+                cluster.lost = lost
             elif not wanted_end and self._events is not None:
                 cluster_log(logger, cluster.spec.tenant, cluster.spec.cluster_id).warning(
                     "mesos: scheduler lost: %s", reason)
@@ -606,7 +606,7 @@ class MesosBackend(Backend):
 
     async def recover(
         self, clusters: Sequence[tuple[ClusterSpec, dict[str, Any]]]
-    ) -> dict[str, str | None]:
+    ) -> dict[str, Outcome | None]:
         recovering: list[_Cluster] = []
         for spec, state in clusters:
             cluster = self._cluster(spec)
@@ -636,7 +636,7 @@ class MesosBackend(Backend):
                    for c in recovering):
                 break
             await asyncio.sleep(0.1)
-        result: dict[str, str | None] = {}
+        result: dict[str, Outcome | None] = {}
         for cluster in recovering:
             cid = cluster.spec.cluster_id
             cluster.recovering = False
@@ -644,7 +644,7 @@ class MesosBackend(Backend):
                 self._tasks.pop(cluster.scheduler.task_id, None)
                 cluster.scheduler = None
             if cluster.scheduler is None:
-                result[cid] = cluster.lost_reason or "no scheduler task"
+                result[cid] = cluster.lost or Outcome.failed("no scheduler task")
             else:
                 # RUNNING, or no answer yet: assume alive, a later answer will tell.
                 result[cid] = None
