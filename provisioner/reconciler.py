@@ -187,14 +187,17 @@ class ClusterRunner:
         if record is None or record.status.terminal:
             return
         level = logging.WARNING if outcome.is_failure else logging.INFO
-        self.log.log(level, "ending outcome=%r", outcome.summary())
+        detail = f" detail={outcome.detail!r}" if outcome.detail else ""
+        self.log.log(level, "%s reason=%s%s", "failing" if outcome.is_failure else "stopping",
+                     outcome.reason.value, detail)
         if not outcome.is_failure and record.status != Status.STOPPING:
             await self.rec.records.update(self.id, status=Status.STOPPING, stop_requested=True,
                                           stop_reason=outcome.reason, stop_detail=outcome.detail)
         await self._unlink()
         await self._stop_processes()
         await self.rec.records.end(self.id, outcome)
-        self.log.info("ended outcome=%r", outcome.summary())
+        self.log.log(level, "%s reason=%s%s", "failed" if outcome.is_failure else "stopped",
+                     outcome.reason.value, detail)
 
     async def _stop_processes(self) -> None:
         """Have the backend stop everything of the cluster, retrying until it confirms: the
@@ -387,8 +390,9 @@ class Reconciler:
     async def _end_lost(self, record: ClusterRecord, outcome: Outcome, when: str = "") -> None:
         """Record the end of a cluster whose scheduler is gone: it reaped itself, or failed."""
         log = cluster_log(logger, record.tenant, record.id)
+        detail = f" detail={outcome.detail!r}" if outcome.detail else ""
         log.log(logging.WARNING if outcome.is_failure else logging.INFO,
-                "scheduler ended%s outcome=%r", when, outcome.summary())
+                "scheduler ended%s reason=%s%s", when, outcome.reason.value, detail)
         await self.records.end(record.id, outcome)
 
     async def shutdown(self, stop_clusters: bool) -> None:

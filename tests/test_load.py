@@ -169,19 +169,28 @@ def _usage_at_rest(http: httpx.Client) -> tuple[list[dict[str, Any]], dict[str, 
 
 
 def _usable(svc: ServiceProcess, c: dict[str, Any]) -> None:
-    """A running cluster takes a client and computes: a fixed one with the workers its record
-    asks for now, an adaptive one with whatever its target brings (from none, at rest)."""
+    """A running cluster takes a client; with workers (as its record says now), it computes.
+    An adaptive one computes with the workers it has: submitted at once, the task keeps its
+    worker busy, so the cluster does not shrink under it (its quota may be held by the
+    tenant's other clusters, so it may not grow)."""
     with svc.client(c["tenant"]) as http:
         c = http.get(f"/clusters/{c['id']}").json()
+        usage = http.get("/tenants/me").json()["usage"]
     with Client(c["scheduler_address"], security=svc.security(c["tenant"], c["id"]),
                 timeout=30) as client:
         want = c["workers"]["requested"]
-        if c["adaptive"] is None and want:
+        assert client.run_on_scheduler(lambda: 7) == 7
+        if not want:
+            return
+        future = client.submit(sum, [want, 1])
+        if c["adaptive"] is None:
             client.wait_for_workers(want, timeout=60)
-        if c["adaptive"] is not None or want:
-            assert client.submit(sum, [want, 1]).result(timeout=90) == want + 1
-        else:
-            assert client.run_on_scheduler(lambda: 7) == 7
+        try:
+            assert future.result(timeout=90) == want + 1
+        except TimeoutError:
+            with svc.client(c["tenant"]) as http:
+                now = http.get(f"/clusters/{c['id']}").json()
+            raise AssertionError(f"no result: {c} then {now}, usage {usage}") from None
 
 
 def _delete_all_and_check_empty(d: Deployment) -> int:
