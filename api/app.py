@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -120,13 +120,17 @@ class BodyLimit:
         return BodyRefused(422, f"request body larger than {self.limit} bytes")
 
 
-def create_app(provisioner: Provisioner, manage_lifecycle: bool = True) -> FastAPI:
-    """The app for ``provisioner``; with ``manage_lifecycle`` it starts and stops it too."""
+def create_app(provisioner: Provisioner, manage_lifecycle: bool = True,
+               on_started: Callable[[], None] | None = None) -> FastAPI:
+    """The app for ``provisioner``; with ``manage_lifecycle`` it starts and stops it too.
+    ``on_started`` (blocking) runs once it has started, before the server accepts requests."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
             await provisioner.start()
+        if on_started is not None:
+            await asyncio.to_thread(on_started)
         try:
             yield
         finally:

@@ -1,9 +1,10 @@
-"""What a standby service answers on its port while another service holds the lease.
+"""What the service answers on its port before it serves: as a standby while another service
+holds the lease, and while it starts (recovering clusters, connecting to its backend, which can
+take a while with ZooKeeper or Mesos away).
 
-A standby listens from the start, so an orchestrator's liveness probe (``GET /livez``) sees
-a healthy process, while ``/healthz`` (readiness) and every other path answer 503: requests
-go to the active service. Once the lease is this service's, the responder stops and the same
-socket is handed to the real server.
+The port listens from the start, so an orchestrator's liveness probe (``GET /livez``) sees a
+healthy process, while ``/healthz`` (readiness) and every other path answer 503 saying why.
+Once the service is ready, the responder stops and the same socket goes on to the real server.
 """
 
 from __future__ import annotations
@@ -12,17 +13,21 @@ import http.server
 import json
 import socket
 import threading
-from collections.abc import Callable
 
-MESSAGE = "standby: another service holds the lease; this one serves when it stops"
+MESSAGES = {
+    "standby": "standby: another service holds the lease; this one serves when it stops",
+    "starting": "starting: recovering clusters and connecting to the backend",
+}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     timeout = 10  # a client that sends nothing does not hold the one serving thread
+    state = "standby"
 
     def _answer(self) -> None:
         live = self.path.split("?", 1)[0] == "/livez"
-        body = json.dumps({"status": "standby"} if live else {"detail": MESSAGE}).encode()
+        state = type(self).state
+        body = json.dumps({"status": state} if live else {"detail": MESSAGES[state]}).encode()
         self.send_response(200 if live else 503)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -37,19 +42,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass  # probes every few seconds: nothing worth a log line
 
 
-def answer_while_standing_by(sock: socket.socket) -> Callable[[], None]:
-    """Answer on ``sock`` in a thread; returns the call that stops answering (``sock`` stays
-    open and listening, for the server that takes over)."""
-    server = http.server.HTTPServer(sock.getsockname()[:2], _Handler, bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock
-    sock.listen(128)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="standby-answer", daemon=True)
-    thread.start()
+class Placeholder:
+    """Answers on ``sock`` in a thread until :meth:`stop` (``sock`` stays open and listening,
+    for the server that takes over)."""
 
-    def stop() -> None:
-        server.shutdown()
-        thread.join()
+    def __init__(self, sock: socket.socket, state: str) -> None:
+        self._handler = type("Handler", (_Handler,), {"state": state})
+        self._server = http.server.HTTPServer(sock.getsockname()[:2], self._handler,
+                                              bind_and_activate=False)
+        self._server.socket.close()
+        self._server.socket = sock
+        sock.listen(128)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2}, name="placeholder",
+                                        daemon=True)
+        self._thread.start()
 
-    return stop
+    def become(self, state: str) -> None:
+        self._handler.state = state
+
+    def stop(self) -> None:
+        """Blocking: returns once no request is being answered any more."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()

@@ -178,7 +178,7 @@ def serve(
         from api.app import create_app
         from api.server import listen_socket
         from api.server import run as run_server
-        from api.standby import answer_while_standing_by
+        from api.standby import Placeholder
         from provisioner.files import make_private, private_data_dir
         from provisioner.lease import Lease, LeaseHeld
         from provisioner.logs import configure as configure_logging
@@ -212,14 +212,16 @@ def serve(
         if standby:
             # Listening from the start: /livez answers, everything else 503, until it serves.
             listener = listen_socket(settings.host, settings.port)
-            stop_answering = answer_while_standing_by(listener)
+            placeholder = Placeholder(listener, "standby")
             lease.acquire(wait=True, on_wait=lambda holder: typer.echo(
                 f"standby: {holder} holds the lease; taking over when it stops", err=True))
-            stop_answering()
+            placeholder.become("starting")
         else:
             lease.acquire()
             # The port next: a busy one fails here, before clusters are recovered or tokens shown.
             listener = listen_socket(settings.host, settings.port)
+            # Answering at once, while the service starts (a backend may take a while).
+            placeholder = Placeholder(listener, "starting")
         provisioner, token = build(settings)
     except (LeaseHeld, OSError, TenantsFileError, StoreError, ValueError) as exc:
         _fail(str(exc))
@@ -252,7 +254,7 @@ def serve(
     # in place that ends the process with status 0 instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    run_server(create_app(provisioner), settings, listener)
+    run_server(create_app(provisioner, on_started=placeholder.stop), settings, listener)
 
 
 @app.command()

@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from clusters.mesos.client import CallError, MesosClient, redirect_base
-from clusters.mesos.detector import Detector, address_from_info, leader_from_children, normalise
+from clusters.mesos.detector import (
+    Detector,
+    DetectorError,
+    address_from_info,
+    leader_from_children,
+    normalise,
+)
 from clusters.mesos.offers import OfferPool, match
 from clusters.mesos.recordio import RecordIODecoder, RecordIOError, encode
 from clusters.mesos.tasks import OPTIONS_VAR, TaskRequest, TaskSettings, mesos_cpus, mesos_mem, task_info
@@ -52,6 +58,19 @@ def test_zookeeper_leader_is_the_lowest_sequence() -> None:
     assert address_from_info(json.dumps(info).encode()) == "10.0.0.2:5050"
     info = {"address": {"hostname": "m3.example", "port": 5051}, "hostname": "x"}
     assert address_from_info(json.dumps(info).encode()) == "m3.example:5051"
+    # IPv6 text in address.ip, bracketed or not, becomes a usable host:port and base URL.
+    for ip in ("2001:db8::5", "[2001:db8::5]"):
+        info = {"address": {"hostname": "m6", "ip": ip, "port": 5050}}
+        assert address_from_info(json.dumps(info).encode()) == "[2001:db8::5]:5050"
+    assert normalise("[2001:db8::5]:5050") == "http://[2001:db8::5]:5050"
+    assert normalise("[2001:db8::5]") == "http://[2001:db8::5]:5050"
+    # A node that is no MasterInfo is refused with a reason, never a crash.
+    for bad in (b"[]", b"not json", b'{"address": {"ip": 7, "port": 5050}}',
+                b'{"address": {"ip": "10.0.0.1", "port": 70000}}', b"{}", b" " * 70_000):
+        with pytest.raises(DetectorError):
+            address_from_info(bad)
+    # Sequence numbers must be numbers: a stray json.info_x is no contender.
+    assert leader_from_children(["json.info_x", "json.info_0000000004"]) == "json.info_0000000004"
 
 
 def test_master_addresses() -> None:
@@ -263,46 +282,6 @@ async def test_silent_stream_is_dropped_after_missed_heartbeats() -> None:
             await until(lambda: connections >= 2, timeout=5)
     finally:
         server.close()
-
-
-async def test_zookeeper_url_finds_the_leader(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``zk://`` goes through kazoo (faked here: no ZooKeeper on this machine)."""
-    import kazoo.client
-
-    async with MesosMaster(agents=1, heartbeat_interval=0.5) as leader:
-        nodes = {
-            "json.info_0000000007": {"address": {"hostname": "127.0.0.1", "ip": "127.0.0.1",
-                                                 "port": leader.port}},
-            "json.info_0000000009": {"address": {"hostname": "127.0.0.1", "port": 1}},
-        }
-        asked: list[str] = []
-
-        class FakeKazoo:
-            def __init__(self, hosts: str, **_: Any) -> None:
-                asked.append(hosts)
-
-            def start(self, timeout: float) -> None:
-                pass
-
-            def get_children(self, path: str) -> list[str]:
-                assert path == "/mesos"
-                return [*nodes, "log_replicas"]
-
-            def get(self, path: str) -> tuple[bytes, None]:
-                return json.dumps(nodes[path.rsplit("/", 1)[1]]).encode(), None
-
-            def stop(self) -> None:
-                pass
-
-            def close(self) -> None:
-                pass
-
-        monkeypatch.setattr(kazoo.client, "KazooClient", FakeKazoo)
-        rec = Recorder()
-        client = MesosClient("zk://zk1:2181,zk2:2181/mesos", rec, backoff_min=0.1)
-        async with running(client):
-            await until(lambda: rec.subscribed_ids)
-            assert client.base == leader.url and asked == ["zk1:2181,zk2:2181"]
 
 
 def test_ports_come_from_the_offered_ranges_without_reuse() -> None:

@@ -4,8 +4,12 @@ One long-lived SUBSCRIBE stream (chunked RecordIO of JSON events) and calls on a
 connection carrying ``Mesos-Stream-Id``. The stream is watched for HEARTBEATs: silence for
 ``missed_heartbeats`` intervals means the connection is dead and it is dropped. Any loss is
 followed by a re-subscription with the same framework id after an exponential backoff, to the
-leader found by the :class:`Detector` (following 307 redirects). Shutting down never sends
-TEARDOWN: the master keeps the framework for its failover timeout.
+leader found by the :class:`Detector` (following 307 redirects); the backoff starts again from
+its minimum after every successful SUBSCRIBED. With ZooKeeper, a change of leader is seen by
+a watch and the stream is moved to the new leader after a random delay of at most
+``LEADER_CHANGE_DELAY`` (as Mesos's own scheduler library does), without waiting for the old
+stream to die. Shutting down never sends TEARDOWN: the master keeps the framework for its
+failover timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ MAX_CALLS_IN_FLIGHT = 32
 JSON = "application/json"
 #: How many redirects a call or subscription follows before giving up on this attempt.
 MAX_REDIRECTS = 3
+#: Most a re-subscription waits after a leader change (spreads frameworks out in time).
+LEADER_CHANGE_DELAY = 0.5
+#: How often the leader is looked up even without a ZooKeeper event (a safety net).
+LEADER_POLL_INTERVAL = 10.0
 
 
 class NotSubscribed(Exception):
@@ -112,21 +120,28 @@ class MesosClient:
         # in flight keeps the connection pool from rescanning a queue of hundreds each time.
         self._call_slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
         self._runner: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._reconnect = asyncio.Event()
+        #: The leader the detector named for the current subscription attempt.
+        self._leader: str | None = None
+        self._leader_changed = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name="mesos-subscription")
+        if self._watcher is None and self.detector.uses_zookeeper:
+            self._watcher = asyncio.create_task(self._follow_leader(), name="mesos-leader")
 
     async def stop(self) -> None:
         """Drop the stream without TEARDOWN: the framework and its tasks stay in Mesos."""
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(BaseException):
-                await self._runner
-            self._runner = None
+        for task in (self._watcher, self._runner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._runner = self._watcher = None
         self.subscribed.clear()
         await self._stream_http.aclose()
         await self._calls_http.aclose()
@@ -136,9 +151,29 @@ class MesosClient:
         """Drop the current stream and subscribe again (e.g. after a 403 on a call)."""
         self._reconnect.set()
 
+    async def _follow_leader(self) -> None:
+        """Look the leader up whenever ZooKeeper says the election may have changed (or now
+        and then); a new one moves the subscription at once."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.detector.changed.wait(), LEADER_POLL_INTERVAL)
+            self.detector.changed.clear()
+            try:
+                leader = await self.detector.leader()
+            except DetectorError as exc:
+                logger.debug("mesos: leader lookup: %s", exc)
+                continue
+            if leader != self._leader:
+                # A new leader, or one found while the subscription waits to try again.
+                logger.warning("mesos: the leading master is now %s (was %s)", leader,
+                               self._leader or "unknown")
+                self._leader_changed.set()
+                self.reconnect()
+
     async def _run(self) -> None:
         failures = 0
         while True:
+            before = self.subscriptions
             try:
                 await self._subscribe_once()
                 failures = 0
@@ -147,19 +182,25 @@ class MesosClient:
             except (httpx.HTTPError, OSError, DetectorError, SubscribeError, RecordIOError,
                     ValueError) as exc:
                 logger.warning("mesos subscription: %s", exc or repr(exc))
-                failures += 1
+                failures = 1 if self.subscriptions > before else failures + 1
             except Exception:
                 logger.exception("mesos subscription failed")
-                failures += 1
+                failures = 1 if self.subscriptions > before else failures + 1
             if self.subscribed.is_set():
                 self.subscribed.clear()
                 self.stream_id = None
                 with contextlib.suppress(Exception):
                     await self.handler.disconnected()
-            delay = min(self.backoff_max, self.backoff_min * 2 ** max(0, failures - 1))
-            delay *= random.uniform(0.8, 1.2)
-            logger.info("mesos: re-subscribing in %.1fs", delay)
-            await asyncio.sleep(delay)
+            if not self._leader_changed.is_set():
+                delay = min(self.backoff_max, self.backoff_min * 2 ** max(0, failures - 1))
+                delay *= random.uniform(0.8, 1.2)
+                logger.info("mesos: re-subscribing in %.2fs", delay)
+                with contextlib.suppress(TimeoutError):  # a new leader cuts the wait short
+                    await asyncio.wait_for(self._leader_changed.wait(), delay)
+            if self._leader_changed.is_set():
+                self._leader_changed.clear()
+                failures = 0
+                await asyncio.sleep(random.uniform(0, LEADER_CHANGE_DELAY))
 
     # -- the subscription stream -------------------------------------------------------------
 
@@ -175,7 +216,8 @@ class MesosClient:
         return body
 
     async def _subscribe_once(self) -> None:
-        base = await self.detector.leader()
+        self._leader = None
+        base = self._leader = await self.detector.leader()
         self._reconnect.clear()
         for _ in range(MAX_REDIRECTS + 1):
             request = self._stream_http.build_request(
