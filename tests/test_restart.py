@@ -40,7 +40,20 @@ def test_sigkill_and_restart_keeps_clusters_managed(make_service: MakeService) -
     wait_until(lambda: not is_alive(doomed_pids[0]), what="doomed scheduler exit")
     assert all(is_alive(p) for p in kept_pids), "cluster processes must outlive the service"
 
+    # A folder a crash left behind (its cluster ended, no record accounts for it), holding a
+    # link out of it: swept at start, the link removed as itself, never followed.
+    outside = svc.workdir / "not-a-cluster-file"
+    outside.write_text("keep me")
+    orphan = svc.data_dir / "clusters" / "c-0123456789ab"
+    (orphan / "sub").mkdir(parents=True)
+    (orphan / "sub" / "leftover").write_text("x")
+    (orphan / "link").symlink_to(outside)
+    (svc.data_dir / "clusters" / "c-0000000000aa").symlink_to(svc.workdir)
+
     svc.start()
+    assert not orphan.exists() and not (svc.data_dir / "clusters" / "c-0000000000aa").is_symlink()
+    assert outside.read_text() == "keep me" and svc.workdir.is_dir()
+    assert (svc.data_dir / "clusters" / kept["id"]).is_dir(), "a live cluster's folder stays"
     after = svc.get_cluster("acme", kept["id"])
     assert after["status"] == "running" and after["scheduler_address"] == kept["scheduler_address"]
     assert sorted(p.pid for p in svc.processes_of(kept["id"])) == sorted(p.pid for p in kept_pids)

@@ -309,6 +309,7 @@ class LocalBackend(Backend):
                     self._watch(spec.cluster_id, name, wref)
             await self._save(spec.cluster_id)
         await asyncio.to_thread(self._end_unaccounted, result)
+        await asyncio.to_thread(self._sweep_folders, set(result))
         strays = await asyncio.to_thread(self._find_ours, known)
         if strays:
             logger.warning("killing %d unrecognised cluster process(es): %s", len(strays),
@@ -330,6 +331,25 @@ class LocalBackend(Backend):
             for process in self.confinement.processes_of(cluster_id):
                 if process not in known:
                     self.confinement.end(cluster_id, process)
+
+    def _sweep_folders(self, kept: set[str]) -> None:
+        """Remove cluster folders no live record accounts for (a crash between a cluster's
+        end and its folder's removal leaves one). Entries are never followed: a link or a
+        file there is removed as itself; logs are the service's and stay."""
+        root = self.data_dir / "clusters"
+        try:
+            entries = list(os.scandir(root))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name in kept:
+                continue
+            logger.info("removing the folder of ended cluster %r", entry.name[:64])
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
     @staticmethod
     def _reaped_reason(cluster: _Cluster, code: int | None) -> Outcome | None:
