@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import routes_clusters, routes_dashboard, routes_tenants
 from api.dashboard_proxy import Upstreams
@@ -95,7 +95,7 @@ class BodyLimit:
         complete = False
         deadline = asyncio.get_running_loop().time() + self.timeout
 
-        async def limited() -> dict[str, Any]:
+        async def limited() -> Message:
             nonlocal seen, complete
             if complete:
                 return await receive()

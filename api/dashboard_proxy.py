@@ -275,6 +275,7 @@ async def relay(client: WebSocket, upstream: ClientConnection, cluster_id: str) 
         await upstream.close()
     if client.application_state == WebSocketState.CONNECTED \
             and client.client_state == WebSocketState.CONNECTED:
-        code = upstream.close_code if upstream.close_code in _PASSABLE_CLOSE else 1011
+        passed = upstream.close_code
+        code = passed if passed is not None and passed in _PASSABLE_CLOSE else 1011
         with contextlib.suppress(RuntimeError, OSError):
             await client.close(code)

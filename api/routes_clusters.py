@@ -72,7 +72,7 @@ async def list_clusters(
     after: Annotated[str | None, Query(pattern=CLUSTER_ID_PATTERN,
                                        description="`next` of the last page")] = None,
 ) -> ClusterList:
-    records, next_id = await service.list(tenant, status, project, limit, after)
+    records, next_id = await service.page(tenant, status, project, limit, after)
     return ClusterList(clusters=[ClusterOut.of(r, base) for r in records], next=next_id)
 
 

@@ -47,7 +47,7 @@ class Placeholder:
     for the server that takes over)."""
 
     def __init__(self, sock: socket.socket, state: str) -> None:
-        self._handler = type("Handler", (_Handler,), {"state": state})
+        self._handler: type[_Handler] = type("Handler", (_Handler,), {"state": state})
         self._server = http.server.HTTPServer(sock.getsockname()[:2], self._handler,
                                               bind_and_activate=False)
         self._server.socket.close()

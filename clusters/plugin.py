@@ -31,7 +31,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.scheduler import Scheduler
 from tornado import web
 
-from clusters.base import REAP_EXIT_CODES, REAPED_FILE
+from clusters.base import REAP_EXIT_CODES, REAPED_FILE, StopReason
 
 logger = logging.getLogger("provisioner.plugin")
 
@@ -112,7 +112,7 @@ class ProvisionerPlugin(SchedulerPlugin):
         self._polls_open = 0
         self._reaping = False
         #: Why this scheduler reaped itself, if it did.
-        self.reaped: str | None = None
+        self.reaped: StopReason | None = None
         self.version = 0
         self._snapshot: tuple[Any, ...] | None = None
         self._changed = asyncio.Event()
@@ -204,13 +204,13 @@ class ProvisionerPlugin(SchedulerPlugin):
         assert s is not None and self._snapshot is not None
         if self._snapshot[2]:  # busy
             return
-        reason = None
+        reason: StopReason | None = None
         no_client = self.reap.get("no_client_timeout") or 0
         idle = self.reap.get("idle_timeout") or 0
         if self._no_client_since is not None and no_client and now - self._no_client_since >= no_client:
-            reason = "no-client"
+            reason = StopReason.NO_CLIENT
         elif idle and s.idle_since and time.time() - s.idle_since >= idle:
-            reason = "idle"
+            reason = StopReason.IDLE
         if reason is None:
             return
         self._reaping = True

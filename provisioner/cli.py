@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -188,7 +188,7 @@ def serve(
     except ImportError as exc:
         _fail(f"the server is not installed ({exc.name} is missing): {SERVER_EXTRA}")
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
         "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
@@ -278,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

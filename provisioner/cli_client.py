@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Optional
 
@@ -202,7 +202,7 @@ def create(
     if adaptive_min is not None and adaptive_max is None:
         raise fail("--adaptive-min needs --adaptive-max", 2)
     adaptive = {"minimum": adaptive_min or 0, "maximum": adaptive_max} if adaptive_max is not None else None
-    options = {"project": project, "workers": workers, "worker_cores": worker_cores,
+    options: dict[str, Any] = {"project": project, "workers": workers, "worker_cores": worker_cores,
                "worker_memory": worker_memory, "adaptive": adaptive, "idle_timeout": idle_timeout,
                "no_client_timeout": no_client_timeout, "env": parse_env(env or []) or None,
                "image": image}
@@ -385,7 +385,7 @@ def quota_table(tenant: dict[str, Any]) -> Table:
         limit, now = quota.get(key), used.get(key)
         if isinstance(limit, (dict, list)) or isinstance(now, (dict, list)):
             continue
-        show = format_bytes if key == "memory" else (lambda v: f"{v:g}")
+        show: Callable[[Any], str] = format_bytes if key == "memory" else (lambda v: f"{v:g}")
         free = limit - now if isinstance(limit, (int, float)) and isinstance(now, (int, float)) else None
         table.add_row(key, *(show(v) if isinstance(v, (int, float)) else "-" for v in (now, limit, free)))
     return table

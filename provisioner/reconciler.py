@@ -312,6 +312,7 @@ class ClusterRunner:
         if len(self._losses) >= WORKER_LOSS_LIMIT[0]:
             await self._end(Outcome.failed(f"workers keep exiting ({self._last_loss})"))
             return
+        address = record.scheduler_address
         record = await self._adaptive_target(record)
         backend = self.rec.backend
         live = backend.live_workers(self.id)
@@ -319,7 +320,7 @@ class ClusterRunner:
         if len(live) < want:
             names = [worker_name(self.id) for _ in range(want - len(live))]
             try:
-                await backend.start_workers(self.spec(), record.scheduler_address, names)
+                await backend.start_workers(self.spec(), address, names)
             except LaunchError as exc:
                 self.rec.backend_error("worker-start")
                 self.log.warning("workers not started: %s", exc)

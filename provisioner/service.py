@@ -106,14 +106,14 @@ class Provisioner:
             raise NotFound(cluster_id)
         return record
 
-    async def list(
+    async def page(
         self, tenant: Tenant, status: Status | None = None, project: str | None = None,
         limit: int | None = None, after: str | None = None,
     ) -> tuple[list[ClusterRecord], str | None]:
         """One page of the tenant's clusters, newest first, and the id to pass as ``after``
         for the next page (None on the last)."""
         try:
-            records = await self.store.list(tenant.name, [status] if status else None, project,
+            records = await self.store.clusters(tenant.name, [status] if status else None, project,
                                             None if limit is None else limit + 1, after)
         except NotFound:
             raise InvalidRequest("after", f"no cluster {after} of this tenant") from None

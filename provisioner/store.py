@@ -357,7 +357,7 @@ class Store:
                                            sa.and_(c.created_at == start, c.id < after)))
             return [self._row_to_record(r) for r in conn.execute(query)]
 
-    async def list(
+    async def clusters(
         self, tenant: str | None = None, statuses: list[Status] | None = None,
         project: str | None = None, limit: int | None = None, after: str | None = None,
     ) -> list[ClusterRecord]:
@@ -376,7 +376,7 @@ class Store:
             return [(cid, state if isinstance(state, dict) else {}) for cid, state in rows]
 
     async def list_live(self) -> list[ClusterRecord]:
-        return await self.list(statuses=list(LIVE))
+        return await self.clusters(statuses=list(LIVE))
 
     def _usage_of(self, conn: Connection, tenant: str) -> Usage:
         """What the tenant's live clusters hold, summed by the database (one row, any size)."""

@@ -86,7 +86,11 @@ async def wait_exit(ref: ProcessRef) -> int | None:
         if not is_alive(ref):
             return _reap(ref.pid)
         done = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        def ready() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, ready)
         try:
             await done
         finally:

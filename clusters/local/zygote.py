@@ -151,7 +151,7 @@ def _serve_requests(control: socket.socket) -> None:
         try:
             if data != b"fork" or len(fds) != 2:
                 raise ValueError("expected b'fork' with a ready fd and a request fd")
-            reply = {"pid": _fork(*fds)}
+            reply: dict[str, int | str] = {"pid": _fork(*fds)}
         except Exception as exc:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         finally:

@@ -671,6 +671,8 @@ class MesosBackend(Backend):
                         "mesos: %s; launching the scheduler again", exc)
         finally:
             cluster.launching = False
+        if ref.host is None:  # running means placed: an agent's host is known
+            raise LaunchError("scheduler task running on no known host")
         return SchedulerEndpoint.of(ref.host, ref.port, ref.dashboard_port, bool(spec.credentials))
 
     async def _run_scheduler(self, cluster: _Cluster, spec: ClusterSpec) -> TaskRef:

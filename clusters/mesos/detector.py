@@ -65,7 +65,8 @@ def address_from_info(data: bytes) -> str:
         raise DetectorError("master info is not JSON") from None
     if not isinstance(info, dict):
         raise DetectorError("master info is not a JSON object")
-    address = info.get("address") if isinstance(info.get("address"), dict) else {}
+    found = info.get("address")
+    address: dict[str, Any] = found if isinstance(found, dict) else {}
     port = address.get("port") or info.get("port") or 5050
     host = address.get("ip") or address.get("hostname") or info.get("hostname")
     if not isinstance(host, str) or not host or isinstance(port, bool) \

@@ -128,8 +128,8 @@ def restrict(readable: Sequence[str], writable: Sequence[str], hidden: str | Non
         for path in paths:
             _add_rule(ruleset, path, READ, handled)
         _add_rule(ruleset, Path("/dev").resolve(), READ | _WRITE_FILE, handled)
-        for path in writable:
-            _add_rule(ruleset, Path(path).resolve(), WRITE, handled)
+        for folder in writable:
+            _add_rule(ruleset, Path(folder).resolve(), WRITE, handled)
         for port in bind_ports if net else ():
             rule = struct.pack("=QQ", _NET_BIND_TCP, port)
             if libc.syscall(_SYS_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_RULE_NET_PORT),
