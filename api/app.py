@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import routes_clusters, routes_dashboard, routes_tenants
 from api.dashboard_proxy import Upstreams
 from provisioner import __version__
-from provisioner.service import Conflict, InvalidRequest, NotFound, Provisioner, QuotaExceeded
+from provisioner.service import ClusterService, Conflict, InvalidRequest, NotFound, OverQuota
 
 MAX_BODY = 64 * 1024
 
@@ -120,7 +120,7 @@ class BodyLimit:
         return BodyRefused(422, f"request body larger than {self.limit} bytes")
 
 
-def create_app(provisioner: Provisioner, manage_lifecycle: bool = True,
+def create_app(provisioner: ClusterService, manage_lifecycle: bool = True,
                on_started: Callable[[], None] | None = None) -> FastAPI:
     """The app for ``provisioner``; with ``manage_lifecycle`` it starts and stops it too.
     ``on_started`` (blocking) runs once it has started, before the server accepts requests."""
@@ -161,8 +161,8 @@ def create_app(provisioner: Provisioner, manage_lifecycle: bool = True,
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return _error(404, f"cluster {exc.args[0]!s} not found")
 
-    @app.exception_handler(QuotaExceeded)
-    async def _quota(_: Request, exc: QuotaExceeded) -> JSONResponse:
+    @app.exception_handler(OverQuota)
+    async def _quota(_: Request, exc: OverQuota) -> JSONResponse:
         return _error(403, str(exc))
 
     @app.exception_handler(InvalidRequest)

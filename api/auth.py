@@ -6,14 +6,14 @@ from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
-from provisioner.service import Provisioner
+from provisioner.service import ClusterService
 from provisioner.tenants import Tenant
 
 _bearer = HTTPBearer(auto_error=False, description="A tenant's token")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-def get_provisioner(conn: HTTPConnection) -> Provisioner:
+def get_provisioner(conn: HTTPConnection) -> ClusterService:
     return conn.app.state.provisioner
 
 
@@ -23,7 +23,7 @@ def bearer_token(conn: HTTPConnection) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def tenant_for(service: Provisioner, token: str) -> Tenant:
+def tenant_for(service: ClusterService, token: str) -> Tenant:
     """The tenant holding ``token``, or 401."""
     tenant = service.tenants.authenticate(token)
     if tenant is None:

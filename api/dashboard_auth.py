@@ -26,7 +26,7 @@ from starlette.requests import HTTPConnection
 
 from api.auth import CHALLENGE, bearer_token, get_provisioner, tenant_for
 from clusters.runner import dashboard_prefix
-from provisioner.service import Provisioner
+from provisioner.service import ClusterService
 from provisioner.tenants import NAME_PATTERN, Tenant
 
 #: The browser session's cookie; its path is the one cluster's dashboard.
@@ -45,7 +45,7 @@ _NAME = re.compile(NAME_PATTERN)
 
 
 
-def link_key(service: Provisioner) -> bytes:
+def link_key(service: ClusterService) -> bytes:
     """The key that signs dashboard links and sessions: derived from the service's secret
     key, so links outlive a restart and hold across replicas sharing that key."""
     return service.store.keyring.derive("dashboard-links")
@@ -79,7 +79,7 @@ def verify(key: bytes, purpose: str, token: str, cluster_id: str,
     return tenant
 
 
-def new_link(service: Provisioner, tenant: Tenant, cluster_id: str,
+def new_link(service: ClusterService, tenant: Tenant, cluster_id: str,
              ttl: float) -> tuple[str, int]:
     """A link token for ``tenant``'s cluster and when it expires (epoch seconds)."""
     expires_at = int(time.time() + min(ttl, MAX_LINK_TTL))
@@ -91,7 +91,7 @@ def cookie_path(cluster_id: str) -> str:
     return dashboard_prefix(cluster_id) + "/"
 
 
-def session_cookie(service: Provisioner, tenant: Tenant, cluster_id: str,
+def session_cookie(service: ClusterService, tenant: Tenant, cluster_id: str,
                    secure: bool) -> str:
     """A ``Set-Cookie`` value for a browser session on one cluster's dashboard."""
     ttl = int(service.settings.dashboard_session_ttl)
@@ -124,7 +124,7 @@ class Access:
     by_link: bool
 
 
-def _known(service: Provisioner, name: str | None) -> Tenant | None:
+def _known(service: ClusterService, name: str | None) -> Tenant | None:
     return service.tenants.get(name) if name is not None else None
 
 

@@ -19,7 +19,7 @@ from api.schemas import (
 )
 from api.urls import public_base
 from provisioner.models import CLUSTER_ID_PATTERN, Status
-from provisioner.service import ClusterRequest, Conflict, Provisioner
+from provisioner.service import ClusterRequest, ClusterService, Conflict
 from provisioner.tenants import Tenant
 from provisioner.tls import client_credentials
 
@@ -30,7 +30,7 @@ router = APIRouter(
 )
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
-ServiceDep = Annotated[Provisioner, Depends(get_provisioner)]
+ServiceDep = Annotated[ClusterService, Depends(get_provisioner)]
 #: The service's public base URL: cluster JSON links the dashboard through the service.
 BaseDep = Annotated[str, Depends(public_base)]
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait until running")]

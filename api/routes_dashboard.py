@@ -33,7 +33,7 @@ from api.schemas import DashboardLink, ErrorOut
 from api.urls import dashboard_base, is_secure, public_base
 from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status
-from provisioner.service import Conflict, NotFound, Provisioner
+from provisioner.service import ClusterService, Conflict, NotFound
 from provisioner.tenants import Tenant
 
 logger = logging.getLogger("provisioner.dashboards")
@@ -51,7 +51,7 @@ async def dashboard_link(
     cluster_id: str,
     conn: HTTPConnection,
     tenant: Annotated[Tenant, Depends(current_tenant)],
-    service: Annotated[Provisioner, Depends(get_provisioner)],
+    service: Annotated[ClusterService, Depends(get_provisioner)],
     ttl: Annotated[float | None, Query(ge=10, le=MAX_LINK_TTL,
                                        description="seconds the link stays valid")] = None,
 ) -> DashboardLink:

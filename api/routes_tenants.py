@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.auth import current_tenant, get_provisioner
 from api.schemas import ErrorOut, Health, ProjectUsage, TenantOut, UsageOut
-from provisioner.service import InvalidRequest, Provisioner
+from provisioner.service import ClusterService, InvalidRequest
 from provisioner.tenants import Tenant
 
 router = APIRouter()
@@ -22,7 +22,7 @@ router = APIRouter()
             responses={401: {"model": ErrorOut}})
 async def me(
     tenant: Annotated[Tenant, Depends(current_tenant)],
-    service: Annotated[Provisioner, Depends(get_provisioner)],
+    service: Annotated[ClusterService, Depends(get_provisioner)],
 ) -> TenantOut:
     return TenantOut(**service.describe_tenant(tenant, await service.usage(tenant)))
 
@@ -47,7 +47,7 @@ def _instant(value: str | None, default: float) -> float:
             responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}})
 async def my_usage(
     tenant: Annotated[Tenant, Depends(current_tenant)],
-    service: Annotated[Provisioner, Depends(get_provisioner)],
+    service: Annotated[ClusterService, Depends(get_provisioner)],
     since: Annotated[str | None, Query(max_length=40, description=SINCE_HELP)] = None,
 ) -> UsageOut:
     now = time.time()
@@ -64,14 +64,14 @@ async def my_usage(
 
 
 @router.get("/livez", response_model=Health, tags=["service"])
-async def livez(service: Annotated[Provisioner, Depends(get_provisioner)]) -> Health:
+async def livez(service: Annotated[ClusterService, Depends(get_provisioner)]) -> Health:
     """The process answers: for a liveness probe (a standby answers this too, while its
     ``/healthz`` says 503 until it takes over)."""
     return Health(status="ok", backend=service.backend.name)
 
 
 @router.get("/healthz", response_model=Health, tags=["service"])
-async def healthz(service: Annotated[Provisioner, Depends(get_provisioner)]) -> Health:
+async def healthz(service: Annotated[ClusterService, Depends(get_provisioner)]) -> Health:
     """Liveness, for anyone: nothing about tenants or clusters."""
     return Health(status="ok", backend=service.backend.name)
 
@@ -79,7 +79,7 @@ async def healthz(service: Annotated[Provisioner, Depends(get_provisioner)]) -> 
 @router.get("/metrics", tags=["service"], response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorOut}})
 async def metrics(
-    service: Annotated[Provisioner, Depends(get_provisioner)],
+    service: Annotated[ClusterService, Depends(get_provisioner)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Prometheus metrics (every tenant's name, quota and usage): always behind the metrics

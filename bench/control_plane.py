@@ -53,14 +53,14 @@ def serve(port: int, data_dir: Path, tenants: Path) -> None:
     from api.server import run as run_server
     from bench.null_backend import NullBackend
     from provisioner.secrets import Keyring, load_or_create_key
-    from provisioner.service import Provisioner
+    from provisioner.service import ClusterService
     from provisioner.settings import Settings
     from provisioner.store import Store
     from provisioner.tenants import TenantDirectory, load_tenants
 
     settings = Settings(port=port, data_dir=data_dir, tenants=tenants, tls=False, log_level="warning")
     data_dir.mkdir(parents=True, exist_ok=True)
-    provisioner = Provisioner(settings, TenantDirectory(load_tenants(tenants)),
+    provisioner = ClusterService(settings, TenantDirectory(load_tenants(tenants)),
                               Store(settings.state_url, Keyring(load_or_create_key(settings))),
                               NullBackend())
     run_server(create_app(provisioner), settings)

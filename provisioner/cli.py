@@ -78,7 +78,7 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     """
     from clusters.base import Backend
     from provisioner.files import keep_secret
-    from provisioner.service import Provisioner
+    from provisioner.service import ClusterService
     from provisioner.tenants import TenantDirectory, hash_token, load_tenants, machine_tenant
 
     token = None
@@ -109,7 +109,7 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
                                hidden=settings.private_files(), uid_base=settings.local_uid_base)
     store = _open_store(settings)
     _check_backend_owns(store, backend.name)
-    return Provisioner(settings, TenantDirectory(tenants), store, backend), token
+    return ClusterService(settings, TenantDirectory(tenants), store, backend), token
 
 
 def _check_backend_owns(store: Store, backend: str) -> None:

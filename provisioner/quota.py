@@ -14,7 +14,7 @@ from provisioner.sizes import format_bytes
 from provisioner.tenants import Quota
 
 
-class QuotaExceeded(Exception):
+class OverQuota(Exception):
     """A create or scale does not fit; the message names the limit and the numbers."""
 
 
@@ -41,21 +41,21 @@ def _num(value: float) -> str:
 
 
 def check_fits(quota: Quota, usage: Usage, *, cores: float, memory: int, clusters: int = 0) -> None:
-    """Raise QuotaExceeded unless ``usage`` plus the extra amounts stays within ``quota``."""
+    """Raise OverQuota unless ``usage`` plus the extra amounts stays within ``quota``."""
     if clusters and usage.clusters + clusters > quota.clusters:
-        raise QuotaExceeded(
+        raise OverQuota(
             f"quota exceeded: clusters {clusters} requested, "
             f"{max(quota.clusters - usage.clusters, 0)} of {quota.clusters} free"
         )
     if cores > 0 and usage.cores + cores > quota.cores + 1e-9:
         free = max(quota.cores - usage.cores, 0)
-        raise QuotaExceeded(
+        raise OverQuota(
             f"quota exceeded: cores {_num(cores)} requested, "
             f"{_num(round(free, 6))} of {_num(quota.cores)} free"
         )
     if memory > 0 and usage.memory + memory > quota.memory:
         free = max(quota.memory - usage.memory, 0)
-        raise QuotaExceeded(
+        raise OverQuota(
             f"quota exceeded: memory {format_bytes(memory)} requested, "
             f"{format_bytes(free)} of {format_bytes(quota.memory)} free"
         )
@@ -64,7 +64,7 @@ def check_fits(quota: Quota, usage: Usage, *, cores: float, memory: int, cluster
 def check_workers_per_cluster(quota: Quota, workers: int) -> None:
     limit = quota.workers_per_cluster
     if limit is not None and workers > limit:
-        raise QuotaExceeded(
+        raise OverQuota(
             f"quota exceeded: workers_per_cluster {workers} requested, limit is {limit}"
         )
 

@@ -24,7 +24,7 @@ from provisioner.models import (
     StopReason,
     new_cluster_id,
 )
-from provisioner.quota import QuotaExceeded, Usage
+from provisioner.quota import OverQuota, Usage
 from provisioner.reconciler import Reconciler
 from provisioner.records import Records
 from provisioner.settings import Settings
@@ -35,7 +35,12 @@ from provisioner.tls import cluster_credentials
 logger = logging.getLogger("provisioner.service")
 
 __all__ = [
-    "ClusterRequest", "Conflict", "InvalidRequest", "NotFound", "Provisioner", "QuotaExceeded",
+    "ClusterRequest",
+    "ClusterService",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
+    "OverQuota",
 ]
 
 
@@ -69,7 +74,7 @@ def _bounded(name: str, value: float | None, default: float, limit: float) -> fl
     return value
 
 
-class Provisioner:
+class ClusterService:
     """The service core: tenants, records, reconciler and backend wired together."""
 
     def __init__(self, settings: Settings, tenants: TenantDirectory, store: Store,

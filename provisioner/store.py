@@ -410,7 +410,7 @@ class Store:
         return record
 
     async def admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
-        """Insert a new cluster if it fits the tenant's quota, atomically; else QuotaExceeded."""
+        """Insert a new cluster if it fits the tenant's quota, atomically; else OverQuota."""
         return await self._call(self._admit, record, quota)
 
     def _resize(
@@ -458,7 +458,7 @@ class Store:
     ) -> ClusterRecord:
         """Set the worker count under the tenant's lock.
 
-        Strict (scale): QuotaExceeded if the growth does not fit. Best effort (adaptive):
+        Strict (scale): OverQuota if the growth does not fit. Best effort (adaptive):
         grow only as far as the free quota allows.
         """
         return await self._call(self._resize, cluster_id, quota, workers, best_effort, changes)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from provisioner.admission import InvalidRequest, adaptive_size, fixed_size
-from provisioner.quota import QuotaExceeded
+from provisioner.quota import OverQuota
 from provisioner.tenants import Defaults, Quota, Tenant
 
 GiB = 2**30
@@ -22,7 +22,7 @@ def _tenant(limit: int | None) -> Tenant:
 def test_a_fixed_count_defaults_to_one_and_is_refused_past_the_limit() -> None:
     assert fixed_size(_tenant(4), None).workers == 1
     assert fixed_size(_tenant(4), 4).workers == 4
-    with pytest.raises(QuotaExceeded, match="workers_per_cluster 5 requested, limit is 4"):
+    with pytest.raises(OverQuota, match="workers_per_cluster 5 requested, limit is 4"):
         fixed_size(_tenant(4), 5)
     with pytest.raises(InvalidRequest, match="workers: must not be negative"):
         fixed_size(_tenant(None), -1)
@@ -48,5 +48,5 @@ def test_adaptive_bounds_keep_the_current_count_inside_them() -> None:
 def test_adaptive_bounds_that_cannot_hold_are_refused_naming_the_field() -> None:
     with pytest.raises(InvalidRequest, match=re.escape("adaptive.minimum: 3 is more than maximum 2")):
         adaptive_size(_tenant(None), 3, 2, field="adaptive.minimum")
-    with pytest.raises(QuotaExceeded, match="workers_per_cluster 5 requested"):
+    with pytest.raises(OverQuota, match="workers_per_cluster 5 requested"):
         adaptive_size(_tenant(4), 5, 6)

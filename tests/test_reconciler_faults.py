@@ -22,7 +22,7 @@ from clusters.base import (
 )
 from provisioner.models import Status
 from provisioner.secrets import Keyring
-from provisioner.service import ClusterRequest, Provisioner
+from provisioner.service import ClusterRequest, ClusterService
 from provisioner.settings import Settings
 from provisioner.store import Store
 from provisioner.tenants import Defaults, Quota, Tenant, TenantDirectory
@@ -99,15 +99,15 @@ class FaultyBackend(Backend):
 
 @pytest.fixture
 async def make(tmp_path: Path) -> AsyncIterator[Any]:
-    made: list[Provisioner] = []
+    made: list[ClusterService] = []
 
     key = Fernet.generate_key()
 
-    async def build(backend: Backend, state: str = "", **settings: Any) -> Provisioner:
+    async def build(backend: Backend, state: str = "", **settings: Any) -> ClusterService:
         """A service on ``backend``; services given the same ``state`` share their database."""
         store = Store(f"sqlite:///{tmp_path / (state or f'state{len(made)}.db')}",
                       Keyring(key, "a test key"))
-        service = Provisioner(Settings(data_dir=tmp_path, tls=False, **settings),
+        service = ClusterService(Settings(data_dir=tmp_path, tls=False, **settings),
                               TenantDirectory([TENANT]), store, backend)
         await service.start()
         made.append(service)
@@ -118,7 +118,7 @@ async def make(tmp_path: Path) -> AsyncIterator[Any]:
         await service.stop()
 
 
-async def _until(service: Provisioner, cluster_id: str, *statuses: Status,
+async def _until(service: ClusterService, cluster_id: str, *statuses: Status,
                  timeout: float = 5) -> Any:
     """The record once its status is one of ``statuses`` (asserted), waiting at most ``timeout``."""
     record = await service.records.wait_for(cluster_id, lambda r: r.status in statuses, timeout)

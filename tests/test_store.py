@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet
 
 from provisioner import migrations
 from provisioner.models import ClusterRecord, Outcome, Status, StopReason, new_cluster_id
-from provisioner.quota import QuotaExceeded
+from provisioner.quota import OverQuota
 from provisioner.records import Records
 from provisioner.secrets import Keyring
 from provisioner.store import NotFound, Store, StoreError
@@ -49,7 +49,7 @@ async def test_concurrent_admission_never_exceeds_quota(store: Store) -> None:
         try:
             await store.admit(fresh(workers=1), quota)  # 2 cores each
             return True
-        except QuotaExceeded:
+        except OverQuota:
             return False
 
     results = await asyncio.gather(*(attempt() for _ in range(40)))
@@ -65,7 +65,7 @@ async def test_concurrent_resizes_stay_within_quota(store: Store) -> None:
     async def grow(cluster_id: str, n: int) -> None:
         try:
             await store.resize(cluster_id, quota, n)
-        except QuotaExceeded:
+        except OverQuota:
             pass
 
     await asyncio.gather(*(grow(cid, n) for cid in ids for n in (2, 5, 9, 4)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.models import ClusterRecord, Status, StopReason
-from provisioner.quota import QuotaExceeded, Usage, check_fits, workers_that_fit
+from provisioner.quota import OverQuota, Usage, check_fits, workers_that_fit
 from provisioner.reaping import reap_reason
 from provisioner.sizes import parse_bytes, parse_seconds
 from provisioner.tenants import Quota, TenantDirectory, TenantsFileError, hash_token, load_tenants, new_token
@@ -96,9 +96,9 @@ def test_bad_tenants_file_names_tenant_and_field(tmp_path: Path, body: str, name
 def test_quota_message_names_limit_and_numbers() -> None:
     quota = Quota(cores=8, memory=64 * GiB, clusters=3)
     usage = Usage(clusters=1, cores=6, memory=GiB, workers=4)
-    with pytest.raises(QuotaExceeded, match=r"quota exceeded: cores 8 requested, 2 of 8 free"):
+    with pytest.raises(OverQuota, match=r"quota exceeded: cores 8 requested, 2 of 8 free"):
         check_fits(quota, usage, cores=8, memory=0)
-    with pytest.raises(QuotaExceeded, match=r"clusters 1 requested, 0 of 1 free"):
+    with pytest.raises(OverQuota, match=r"clusters 1 requested, 0 of 1 free"):
         check_fits(Quota(cores=8, memory=GiB, clusters=1), usage, cores=0, memory=0, clusters=1)
     check_fits(quota, usage, cores=2, memory=GiB)
 
