@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
@@ -13,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.auth import current_tenant, get_provisioner
 from api.schemas import ErrorOut, Health, ProjectUsage, TenantOut, UsageOut
 from provisioner.service import ClusterService, InvalidRequest
+from provisioner.sizes import parse_instant
 from provisioner.tenants import Tenant
 
 router = APIRouter()
@@ -27,20 +27,17 @@ async def me(
     return TenantOut(**service.describe_tenant(tenant, await service.usage(tenant)))
 
 
-SINCE_HELP = "epoch seconds or ISO 8601 time; default 30 days ago"
+SINCE_HELP = ("epoch seconds, ISO 8601 time (UTC unless it says) or a duration ago (7d, 24h); "
+              "default 30 days ago")
 
 
-def _instant(value: str | None, default: float) -> float:
+def _instant(value: str | None, default: float, now: float) -> float:
     if value is None:
         return default
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise InvalidRequest("since", f"{value!r} is neither epoch seconds nor an ISO 8601 time") from None
+        return parse_instant(value, now)
+    except ValueError as exc:
+        raise InvalidRequest("since", str(exc)) from None
 
 
 @router.get("/tenants/me/usage", response_model=UsageOut, tags=["tenants"],
@@ -51,7 +48,7 @@ async def my_usage(
     since: Annotated[str | None, Query(max_length=40, description=SINCE_HELP)] = None,
 ) -> UsageOut:
     now = time.time()
-    start = _instant(since, now - 30 * 86400)
+    start = _instant(since, now - 30 * 86400, now)
     if not 0 <= start <= now:
         raise InvalidRequest("since", "must be between the epoch and now")
     books = await service.store.accounting(tenant.name, start, now)

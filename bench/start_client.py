@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client
-from distributed.security import Security
 
 from bench.harness import GATEWAY_PASSWORD, TOKEN, dask_children
+from provisioner.client import security_from_credentials
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 60) -> None:
@@ -58,8 +58,7 @@ def ours(url: str, workers: int) -> dict[str, float]:
             security = None
             if cluster.get("tls"):
                 creds = http.get(f"/clusters/{cluster['id']}/credentials").json()
-                security = Security(tls_ca_file=creds["tls_ca"], tls_client_cert=creds["tls_cert"],
-                                    tls_client_key=creds["tls_key"], require_encryption=True)
+                security = security_from_credentials(creds)
             with Client(cluster["scheduler_address"], security=security, timeout=30,
                         set_as_default=False) as client:
                 use(client, workers)

@@ -320,18 +320,12 @@ def delete(
 
 def parse_since(text: str) -> float:
     """Epoch seconds from "7d" / "24h" (ago), an ISO date or time, or epoch seconds."""
-    from provisioner.sizes import parse_seconds
+    from provisioner.sizes import parse_instant
 
-    with contextlib.suppress(ValueError):
-        number = float(text)
-        return number if number > 1e8 else time.time() - number
-    with contextlib.suppress(ValueError):
-        return time.time() - parse_seconds(text)
     try:
-        when = datetime.fromisoformat(text)
+        return parse_instant(text, time.time())
     except ValueError:
         raise fail(f"--since {text!r}: use a duration (7d, 24h) or a date (2026-01-31)", 2) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def _cell(value: Any, key: str = "") -> str:

@@ -1,4 +1,5 @@
-"""Parse the human sizes tenants write ("2GiB", "30m") into bytes and seconds.
+"""Parse the human sizes, durations and times people write ("2GiB", "30m", "7d",
+"2026-01-31") into bytes, seconds and epoch seconds.
 
 One place for this so the tenants file, the REST API and the CLI accept the same spellings.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime
 
 _BYTE_UNITS = {
     "": 1, "b": 1,
@@ -67,6 +69,33 @@ def parse_seconds(value: int | float | str) -> float:
     if number > MAX_SECONDS:
         raise ValueError(f"duration {value!r} is longer than {MAX_SECONDS} seconds")
     return number
+
+
+#: Numbers above this are epoch seconds (1973 on); below, seconds ago.
+EPOCH_FLOOR = 1e8
+
+
+def parse_instant(value: str, now: float) -> float:
+    """Epoch seconds from epoch seconds, an ISO 8601 date or time (UTC unless it says
+    otherwise), or a duration before ``now`` ("7d", "24h", or seconds below 1e8)."""
+    try:
+        number: float | None = float(value)
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number):
+            raise ValueError(f"{value!r} is not a time")
+        return number if number > EPOCH_FLOOR else now - number
+    try:
+        return now - parse_seconds(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is neither a time (epoch seconds, ISO 8601 such as "
+                         "2026-01-31) nor a duration ago (7d, 24h)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def format_bytes(value: int) -> str:

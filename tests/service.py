@@ -161,7 +161,7 @@ class ServiceProcess:
 
     def security(self, name: str, cluster_id: str) -> Any:
         """The Security a tenant's notebook would use for this cluster (None without TLS)."""
-        from distributed.security import Security
+        from provisioner.client import security_from_credentials
 
         with self.client(name) as http:
             r = http.get(f"/clusters/{cluster_id}/credentials")
@@ -169,8 +169,7 @@ class ServiceProcess:
             return None
         r.raise_for_status()
         c = r.json()
-        return Security(tls_ca_file=c["tls_ca"], tls_client_cert=c["tls_cert"],
-                        tls_client_key=c["tls_key"], require_encryption=True)
+        return security_from_credentials(c)
 
     def zygotes(self) -> list[int]:
         """This service's fork servers: marked as its own, running the zygote, no group leaders."""

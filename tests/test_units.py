@@ -10,7 +10,7 @@ import pytest
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.quota import OverQuota, Usage, check_fits, workers_that_fit
 from provisioner.reaping import reap_reason
-from provisioner.sizes import parse_bytes, parse_seconds
+from provisioner.sizes import parse_bytes, parse_instant, parse_seconds
 from provisioner.tenants import Quota, TenantDirectory, TenantsFileError, hash_token, load_tenants, new_token
 from provisioner.watch import Report
 
@@ -137,3 +137,15 @@ def test_reap_reason() -> None:
     no_client = Report(**base, busy=False, idle_for=1, no_client_for=4)
     assert reap_reason(rec, no_client, 1) is StopReason.NO_CLIENT
     assert reap_reason(rec, None, 100) is None
+
+
+def test_one_parser_of_times_for_the_api_and_the_cli() -> None:
+    now = 1_800_000_000.0
+    assert parse_instant("1790000000", now) == 1_790_000_000
+    assert parse_instant("3600", now) == now - 3600  # small numbers are seconds ago
+    assert parse_instant("7d", now) == now - 7 * 86400
+    assert parse_instant("2026-01-31", now) == 1_769_817_600  # naive means UTC
+    assert parse_instant("2026-01-31T01:00:00+01:00", now) == 1_769_817_600
+    for bad in ("yesterday", "nan", "inf", "", "7 fortnights"):
+        with pytest.raises(ValueError, match=r"neither a time|not a time"):
+            parse_instant(bad, now)
