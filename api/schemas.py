@@ -84,6 +84,7 @@ class ClusterOut(BaseModel):
     tenant: str
     project: str
     status: str
+    wanted: str = Field(description="what the cluster should be doing: running or stopped")
     scheduler_address: str | None
     dashboard_url: str | None
     workers: WorkerCounts
@@ -108,6 +109,7 @@ class ClusterOut(BaseModel):
         dashboard = dashboard_url(base, r.id) if r.dashboard_url and not r.status.terminal else None
         return cls(
             id=r.id, tenant=r.tenant, project=r.project, status=r.status.value,
+            wanted=r.wanted.value,
             scheduler_address=r.scheduler_address, dashboard_url=dashboard,
             workers=WorkerCounts(requested=r.workers_requested, running=r.workers_running),
             worker_cores=r.worker_cores, worker_memory=r.worker_memory,

@@ -33,8 +33,17 @@ def _outcome_columns(conn: Connection) -> None:
                      {"reason": reason, "detail": detail or None, "id": cluster_id})
 
 
+def _wanted_column(conn: Connection) -> None:
+    """3: what is wanted of a cluster is a state (running, stopped; room for more), no longer
+    a stop flag beside what it is."""
+    conn.exec_driver_sql(
+        "ALTER TABLE clusters ADD COLUMN wanted VARCHAR(16) NOT NULL DEFAULT 'running'")
+    conn.exec_driver_sql("UPDATE clusters SET wanted = 'stopped' WHERE stop_requested")
+    conn.exec_driver_sql("ALTER TABLE clusters DROP COLUMN stop_requested")
+
+
 #: ``STEPS[i]`` takes a database from version ``i + 1`` to ``i + 2``, inside one transaction.
-STEPS: list[Callable[[Connection], None]] = [_outcome_columns]
+STEPS: list[Callable[[Connection], None]] = [_outcome_columns, _wanted_column]
 
 LATEST = 1 + len(STEPS)
 

@@ -1,7 +1,9 @@
 """Cluster records and the state machine they move through.
 
-A record is the service's memory of one cluster: what the tenant asked for (the spec), what
-the reconciler should drive it to (``target``), and what was last observed (``status``).
+A record is the service's memory of one cluster, in two halves kept apart: what is wanted
+(``wanted``, and the worker count or adaptive bounds), which only requests and the reaper
+change, and what is (``status``, running workers, addresses), which only the reconciler
+writes from what it observed. The reconciler drives the second toward the first.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 LIVE = (Status.PENDING, Status.STARTING, Status.RUNNING, Status.STOPPING)
 
 
+class Wanted(enum.StrEnum):
+    """What the cluster should be doing. Suspended (no workers, scheduler kept) and queued
+    (waiting for capacity) are the next states this list is meant to take."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
 #: What every cluster id looks like; anything else is known not to exist without asking the
 #: database (PostgreSQL refuses a NUL in a string outright).
 CLUSTER_ID_PATTERN = r"^c-[0-9a-f]{1,32}$"
@@ -72,7 +82,7 @@ class ClusterRecord:
     scheduler_address: str | None = None
     dashboard_url: str | None = None
     workers_running: int = 0
-    stop_requested: bool = False
+    wanted: Wanted = Wanted.RUNNING
     #: Why it ended (set when a stop is asked, or at the end), and for a failure what happened.
     stop_reason: StopReason | None = None
     stop_detail: str | None = None
@@ -85,6 +95,12 @@ class ClusterRecord:
     def __post_init__(self) -> None:
         if self.stop_reason is not None and not isinstance(self.stop_reason, StopReason):
             object.__setattr__(self, "stop_reason", StopReason(self.stop_reason))
+        if not isinstance(self.wanted, Wanted):
+            object.__setattr__(self, "wanted", Wanted(self.wanted))
+
+    @property
+    def stop_wanted(self) -> bool:
+        return self.wanted == Wanted.STOPPED
 
     @property
     def outcome(self) -> Outcome | None:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from clusters.base import BACKEND_KEY, Backend, ClusterSpec, LaunchError, Outcome
 from clusters.logs import cluster_log
-from provisioner.models import ClusterRecord, Status, StopReason
+from provisioner.models import ClusterRecord, Status, StopReason, Wanted
 from provisioner.reaping import reap_reason
 from provisioner.records import Records
 from provisioner.settings import Settings
@@ -101,7 +101,7 @@ class ClusterRunner:
 
     async def _drive(self) -> None:
         record = self.record
-        if record.status in (Status.PENDING, Status.STARTING) and not record.stop_requested:
+        if record.status in (Status.PENDING, Status.STARTING) and not record.stop_wanted:
             if not await self._start():
                 return
         elif record.status == Status.RUNNING and record.dashboard_url:
@@ -109,7 +109,7 @@ class ClusterRunner:
         while True:
             self.kick.clear()  # before looking: a change from here on wakes the next round
             record = self.record
-            if record.stop_requested or record.status == Status.STOPPING:
+            if record.stop_wanted or record.status == Status.STOPPING:
                 await self._end(record.outcome or Outcome(StopReason.USER))
                 return
             if record.status.terminal:
@@ -120,7 +120,7 @@ class ClusterRunner:
                 reason = await self._confirm_reap(record)
             if reason is not None:
                 self.log.info("reaping reason=%s", reason)
-                await self.rec.records.update(self.id, stop_requested=True, stop_reason=reason)
+                await self.rec.records.update(self.id, wanted=Wanted.STOPPED, stop_reason=reason)
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.kick.wait(), self.rec.settings.reap_interval)
@@ -141,7 +141,7 @@ class ClusterRunner:
             reason = str(exc) or f"scheduler not up after {self.rec.settings.start_timeout:g}s"
             await self._end(Outcome.failed(reason))
             return False
-        if endpoint is None or self.record.stop_requested:
+        if endpoint is None or self.record.stop_wanted:
             self.log.info("asked to stop while starting")
             return True  # the loop stops it: whatever the start left is the backend's to end
         await records.update(
@@ -161,7 +161,7 @@ class ClusterRunner:
         deadline = asyncio.get_running_loop().time() + timeout
         try:
             while not work.done():
-                if self.record.stop_requested:
+                if self.record.stop_wanted:
                     return None
                 self.kick.clear()
                 left = deadline - asyncio.get_running_loop().time()
@@ -191,7 +191,7 @@ class ClusterRunner:
         self.log.log(level, "%s reason=%s%s", "failing" if outcome.is_failure else "stopping",
                      outcome.reason.value, detail)
         if not outcome.is_failure and record.status != Status.STOPPING:
-            await self.rec.records.update(self.id, status=Status.STOPPING, stop_requested=True,
+            await self.rec.records.update(self.id, status=Status.STOPPING, wanted=Wanted.STOPPED,
                                           stop_reason=outcome.reason, stop_detail=outcome.detail)
         await self._unlink()
         await self._stop_processes()
@@ -382,7 +382,7 @@ class Reconciler:
         outcome = await self.backend.recover(specs)
         for record in live:
             lost = outcome.get(record.id)
-            if record.status == Status.RUNNING and lost and not record.stop_requested:
+            if record.status == Status.RUNNING and lost and not record.stop_wanted:
                 await self.backend.stop_cluster(record.id)
                 await self._end_lost(record, lost, " while the service was down")
                 continue

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from provisioner.models import ClusterRecord, Outcome, Status
+from provisioner.models import ClusterRecord, Outcome, Status, Wanted
 from provisioner.quota import Usage
 from provisioner.store import Store
 from provisioner.tenants import Quota
@@ -90,11 +90,12 @@ class Records:
             record = await self.get(cluster_id)
             if record.status.terminal:
                 return record
-            ending = {"stop_requested": True, "stop_reason": outcome.reason,
-                      "stop_detail": outcome.detail, "workers_running": 0}
-            if outcome.is_failure:
+            ending: dict[str, Any] = {"stop_reason": outcome.reason,
+                                      "stop_detail": outcome.detail, "workers_running": 0}
+            if outcome.is_failure:  # what was wanted stays as it was: it failed
                 return self._put(await self.store.update(cluster_id, status=Status.FAILED,
                                                          **ending))
+            ending["wanted"] = Wanted.STOPPED
             if record.status != Status.STOPPING:
                 self._put(await self.store.update(cluster_id, status=Status.STOPPING, **ending))
             return self._put(await self.store.update(cluster_id, status=Status.STOPPED, **ending))

@@ -22,6 +22,7 @@ from provisioner.models import (
     Outcome,
     Status,
     StopReason,
+    Wanted,
     new_cluster_id,
 )
 from provisioner.quota import OverQuota, Usage
@@ -177,7 +178,7 @@ class ClusterService:
 
     async def _live(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
         record = await self.get(tenant, cluster_id)
-        if record.status.terminal or record.stop_requested:
+        if record.status.terminal or record.stop_wanted:
             raise Conflict("status", f"cluster {cluster_id} is {record.status}")
         return record
 
@@ -203,11 +204,11 @@ class ClusterService:
 
     async def delete(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
         record = await self.get(tenant, cluster_id)
-        if record.status.terminal or record.stop_requested:
+        if record.status.terminal or record.stop_wanted:
             return record
         if record.status == Status.PENDING and record.id not in self.reconciler.runners:
             return await self.records.end(cluster_id, Outcome(StopReason.USER))
-        record = await self.records.update(cluster_id, stop_requested=True,
+        record = await self.records.update(cluster_id, wanted=Wanted.STOPPED,
                                            stop_reason=StopReason.USER)
         self.reconciler.ensure(record)
         return record

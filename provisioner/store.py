@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from provisioner import migrations
-from provisioner.models import LIVE, ClusterRecord, Status, StopReason
+from provisioner.models import LIVE, ClusterRecord, Status, StopReason, Wanted
 from provisioner.quota import Usage, check_fits, check_workers_per_cluster, workers_that_fit
 from provisioner.secrets import Keyring, WrongKey
 from provisioner.tenants import Quota
@@ -55,7 +55,7 @@ clusters_table = sa.Table(
     sa.Column("image", sa.String(512)),
     sa.Column("scheduler_address", sa.String(256)),
     sa.Column("dashboard_url", sa.String(256)),
-    sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("wanted", sa.String(16), nullable=False, server_default="running"),
     sa.Column("stop_reason", sa.Text),
     sa.Column("stop_detail", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False, index=True),
@@ -177,6 +177,7 @@ class Store:
     def _row_to_record(self, row: sa.Row[Any]) -> ClusterRecord:
         data = dict(row._mapping)
         data["status"] = Status(data["status"])
+        data["wanted"] = Wanted(data["wanted"])
         data["stop_reason"] = StopReason(data["stop_reason"]) if data["stop_reason"] else None
         data["credentials"] = self._open_credentials(data["credentials"])
         return ClusterRecord(**data)
@@ -188,6 +189,8 @@ class Store:
                if columns is None or f.name in columns}
         if "status" in row:
             row["status"] = record.status.value
+        if "wanted" in row:
+            row["wanted"] = Wanted(record.wanted).value
         if row.get("stop_reason"):
             row["stop_reason"] = StopReason(row["stop_reason"]).value
         if "credentials" in row:
@@ -430,7 +433,7 @@ class Store:
             if row is None:
                 raise NotFound(cluster_id)
             record = self._row_to_record(row)
-            if record.status.terminal or record.stop_requested:
+            if record.status.terminal or record.stop_wanted:
                 return record
             usage = self._usage_of(conn, tenant)  # this cluster is live: it is counted
             if best_effort:

@@ -43,8 +43,9 @@ def test_create_wait_returns_running_cluster_a_client_computes_on(
     assert c["workers"]["requested"] == 1
     assert c["worker_cores"] == 1 and c["worker_memory"] == 512 * 2**20
     for field in ("id", "dashboard_url", "adaptive", "idle_timeout", "created_at",
-                  "stopped_at", "stop_reason"):
+                  "stopped_at", "stop_reason", "outcome"):
         assert field in c
+    assert c["wanted"] == "running" and c["outcome"] is None
     # The dashboard is the service's proxy of it, with the tenant's token; never the scheduler.
     assert c["dashboard_url"] == f"{service.url}/clusters/{c['id']}/dashboard/status"
     with service.client("alpha") as http:
@@ -335,9 +336,11 @@ def test_scale_up_down_retires_gracefully_and_delete_stops_everything(service: S
             pids = service.processes_of(cid)
             r = http.delete(f"/clusters/{cid}")
             assert r.status_code == 200 and r.json()["stop_reason"] == "user"
+            assert r.json()["wanted"] == "stopped", "the DELETE's answer shows what is now wanted"
             done = wait_until(lambda: (x := http.get(f"/clusters/{cid}").json())["status"] == "stopped"
                               and x, what="stopped")
             assert done["stopped_at"] is not None and done["workers"]["running"] == 0
+            assert done["outcome"] == {"reason": "user", "detail": None}
             assert not [p for p in pids if is_alive(p)]
             again = http.delete(f"/clusters/{cid}")
             assert again.status_code == 200 and again.json()["status"] == "stopped"

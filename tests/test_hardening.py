@@ -153,7 +153,7 @@ def _insert_in_clear(svc: ServiceProcess, cluster_id: str, tenant_name: str) -> 
                 id=cluster_id, tenant=tenant_name, project="old", status="stopped",
                 worker_cores=1.0, worker_memory=2**29, scheduler_cores=0.5,
                 scheduler_memory=2**28, workers_requested=0, workers_running=0,
-                idle_timeout=60.0, no_client_timeout=60.0, env={}, stop_requested=False,
+                idle_timeout=60.0, no_client_timeout=60.0, env={}, wanted="running",
                 stop_reason="user", created_at=1.0, stopped_at=2.0, backend_state={},
                 credentials=creds))
     finally:

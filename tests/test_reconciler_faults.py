@@ -20,7 +20,7 @@ from clusters.base import (
     SchedulerEndpoint,
     StopReason,
 )
-from provisioner.models import Status
+from provisioner.models import Status, Wanted
 from provisioner.secrets import Keyring
 from provisioner.service import ClusterRequest, ClusterService
 from provisioner.settings import Settings
@@ -137,6 +137,7 @@ async def test_delete_interrupts_a_start_that_never_completes(make: Any) -> None
     await service.delete(TENANT, record.id)
     ended = await _until(service, record.id, Status.STOPPED, Status.FAILED, timeout=5)
     assert ended.status == Status.STOPPED and ended.outcome == Outcome(StopReason.USER)
+    assert ended.wanted == Wanted.STOPPED
     assert record.id in backend.cancelled, "the start must be cancelled, not left running"
     assert ("stop_cluster", record.id) in backend.calls, "whatever it launched is stopped"
     assert ("start_workers", record.id) not in backend.calls
@@ -160,6 +161,7 @@ async def test_a_failing_start_fails_the_cluster_with_the_backend_reason(make: A
     ended = await _until(service, record.id, Status.STOPPED, Status.FAILED)
     assert ended.status == Status.FAILED
     assert ended.outcome == Outcome.failed("no capacity, on purpose")
+    assert ended.wanted == Wanted.RUNNING, "it was wanted running, and failed"
     assert ("stop_cluster", record.id) in backend.calls
     # A delete after the end changes nothing.
     again = await service.delete(TENANT, record.id)

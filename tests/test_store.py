@@ -154,7 +154,7 @@ def _insert_in_clear(s: Store, cluster_id: str) -> dict[str, str]:
     with s.engine.begin() as conn:
         conn.execute(clusters_table.insert().values(
             **row, id=cluster_id, status="stopped", workers_running=0, env={},
-            stop_requested=False, backend_state={}, credentials=creds))
+            wanted="running", backend_state={}, credentials=creds))
     return creds
 
 
@@ -256,6 +256,12 @@ async def test_a_release_1_database_is_upgraded_keeping_every_record(
             "c-000000000006": Outcome.failed("scheduler exited with status 1"),
             "c-000000000007": Outcome.failed("workers keep exiting (worker killed: 9)"),
         }
+        wanted = {cid: (await old.get(cid)).wanted.value
+                  for cid in (f"c-00000000000{i}" for i in range(1, 8))}
+        assert wanted == {"c-000000000001": "running", "c-000000000002": "stopped",
+                          "c-000000000003": "stopped", "c-000000000004": "stopped",
+                          "c-000000000005": "stopped", "c-000000000006": "running",
+                          "c-000000000007": "running"}  # failed: wanted running, it failed
         live = await old.list_live()
         assert [r.id for r in live] == ["c-000000000001"]
         assert live[0].credentials == {"ca": "CA", "cert": "CERT", "key": "KEY"}
