@@ -228,6 +228,45 @@ async def test_a_fresh_database_gets_this_releases_schema_version(store: Store) 
 V1_KEY = b"eb6KW1QvgEhFnAp5gxdjhUlRR6DzU7H6-l73gNKJrqM="
 
 
+def _release_1_on_postgresql(url: str) -> None:
+    """The kept release-1 database, tables and rows, copied into an empty PostgreSQL one."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    source = sqlite3.connect(Path(__file__).parent / "data" / "state-v1.db")
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            tables = list(source.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+            for _, ddl in tables:
+                conn.exec_driver_sql(ddl.replace("id INTEGER NOT NULL", "id SERIAL NOT NULL"))
+            for table, _ in tables:
+                cursor = source.execute(f'SELECT * FROM "{table}"')
+                columns = [d[0] for d in cursor.description]
+                types = {c["name"]: str(c["type"]) for c in sa.inspect(conn).get_columns(table)}
+                names = ", ".join(f'"{c}"' for c in columns)
+                for row in cursor:
+                    values = {c: bool(v) if types[c] == "BOOLEAN" else v
+                              for c, v in zip(columns, row, strict=True)}
+                    conn.execute(sa.text(f'INSERT INTO "{table}" ({names}) VALUES '
+                                         f"({', '.join(':' + c for c in columns)})"), values)
+                if types.get("id") == "INTEGER":  # a serial: go on after the copied rows
+                    conn.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                         f'(SELECT coalesce(max(id), 0) + 1 FROM "{table}"), false)')
+    finally:
+        engine.dispose()
+        source.close()
+
+
+@pytest.mark.postgresql_only
+async def test_a_release_1_database_on_postgresql_is_upgraded(state_db) -> None:  # type: ignore[no-untyped-def]
+    url = state_db()
+    assert url is not None, "the PostgreSQL pass gives a database"
+    await asyncio.to_thread(_release_1_on_postgresql, url)
+    await _check_release_1_upgrade(url)
+
+
 @pytest.mark.state_agnostic
 @pytest.mark.parametrize("version_row", [True, False], ids=["versioned", "before-versions"])
 async def test_a_release_1_database_is_upgraded_keeping_every_record(
@@ -241,7 +280,11 @@ async def test_a_release_1_database_is_upgraded_keeping_every_record(
     if not version_row:  # as written before versions were stored: read as version 1
         with sa.create_engine(f"sqlite:///{path}").begin() as conn:
             conn.execute(sa.text("DELETE FROM meta WHERE key = 'schema_version'"))
-    old = Store(f"sqlite:///{path}", Keyring(V1_KEY, "the v1 test key"))
+    await _check_release_1_upgrade(f"sqlite:///{path}")
+
+
+async def _check_release_1_upgrade(url: str) -> None:
+    old = Store(url, Keyring(V1_KEY, "the v1 test key"))
     try:
         assert await asyncio.to_thread(old.migrate) == migrations.LATEST
         await old.open(["acme"])
