@@ -4,8 +4,9 @@ A runner owns its cluster: it starts the scheduler (a start that takes long is i
 the moment a stop is wanted), keeps the worker count at what the record asks for (or what
 Dask's adaptive target asks, within quota; shrinking only by workers Dask agrees to let go),
 reaps the cluster when idle, and ends it. Every end, whatever its cause (a stop, a reap, a
-failure, a shutdown, a scheduler gone), goes one way: the backend stops the processes
-(retried until it confirms), then :meth:`Records.end` writes the outcome. All changes are
+failure, a shutdown), goes one way: the backend stops the processes (retried until it
+confirms), then :meth:`Records.end` writes the outcome; for a scheduler found gone the
+outcome is written first and what is left of the cluster is stopped after. All changes are
 written through :class:`Records` first, so a service killed at any point finds, on restart,
 records it can resume from. The reconciler also relays the backend's events to the runners.
 """
