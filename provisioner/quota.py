@@ -40,8 +40,11 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
-def check_fits(quota: Quota, usage: Usage, *, cores: float, memory: int, clusters: int = 0) -> None:
-    """Raise OverQuota unless ``usage`` plus the extra amounts stays within ``quota``."""
+def check_fits(quota: Quota, usage: Usage, *, cores: float, memory: int, clusters: int = 0,
+               explain: dict[str, str] | None = None) -> None:
+    """Raise OverQuota unless ``usage`` plus the extra amounts stays within ``quota``;
+    ``explain`` adds, per resource, what the amount is made of."""
+    explain = explain or {}
     if clusters and usage.clusters + clusters > quota.clusters:
         raise OverQuota(
             f"quota exceeded: clusters {clusters} requested, "
@@ -51,14 +54,27 @@ def check_fits(quota: Quota, usage: Usage, *, cores: float, memory: int, cluster
         free = max(quota.cores - usage.cores, 0)
         raise OverQuota(
             f"quota exceeded: cores {_num(cores)} requested, "
-            f"{_num(round(free, 6))} of {_num(quota.cores)} free"
+            f"{_num(round(free, 6))} of {_num(quota.cores)} free{explain.get('cores', '')}"
         )
     if memory > 0 and usage.memory + memory > quota.memory:
         free = max(quota.memory - usage.memory, 0)
         raise OverQuota(
             f"quota exceeded: memory {format_bytes(memory)} requested, "
-            f"{format_bytes(free)} of {format_bytes(quota.memory)} free"
+            f"{format_bytes(free)} of {format_bytes(quota.memory)} free{explain.get('memory', '')}"
         )
+
+
+def cluster_costs(record: ClusterRecord) -> dict[str, str]:
+    """What a new cluster's cores and memory are made of, for a refusal people understand:
+    the scheduler counts too."""
+    n = record.workers_requested
+    workers = f"{n} worker{'' if n == 1 else 's'}"
+    return {
+        "cores": f" ({workers} of {_num(record.worker_cores)} and the scheduler's "
+                 f"{_num(record.scheduler_cores)})",
+        "memory": f" ({workers} of {format_bytes(record.worker_memory)} and the scheduler's "
+                  f"{format_bytes(record.scheduler_memory)})",
+    }
 
 
 def check_workers_per_cluster(quota: Quota, workers: int) -> None:

@@ -193,7 +193,10 @@ def machine_tenant(token_sha256: str) -> Tenant:
     return Tenant(
         name="default",
         token_sha256=[token_sha256],
-        quota=Quota(cores=max(cores * 2, 4), memory=memory, clusters=10),
+        # Room for a few small clusters at once even on 2 cores (cluster processes share the
+        # machine's cores; the quota caps what each cluster may use of them).
+        quota=Quota(cores=max(cores * 4, 8), memory=memory, clusters=10),
+        # A scheduler mostly waits: half a core.
         defaults=Defaults(worker_cores=1, worker_memory=min(2 * 2**30, memory // 4),
-                          scheduler_cores=1, scheduler_memory=min(2**30, memory // 8)),
+                          scheduler_cores=0.5, scheduler_memory=min(2**30, memory // 8)),
     )

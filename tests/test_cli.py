@@ -139,7 +139,7 @@ def test_without_tenants_file_a_default_tenant_sized_to_the_machine_keeps_its_to
     svc = make_service(None)  # no --tenants
     assert "--tenants" not in svc.command()
     cores = float(os.cpu_count() or 1)
-    machine_quota = {"cores": max(cores * 2, 4),
+    machine_quota = {"cores": max(cores * 4, 8),
                      "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                      "clusters": 10, "workers_per_cluster": None}
     token_file = svc.data_dir / "default-token"
@@ -154,6 +154,10 @@ def test_without_tenants_file_a_default_tenant_sized_to_the_machine_keeps_its_to
             r = http.get("/tenants/me")
             assert r.status_code == 200, r.text
             assert r.json()["name"] == "default" and r.json()["quota"] == machine_quota
+            # The README's first hour fits: two 2-worker clusters, one scaled to 4 workers.
+            defaults = r.json()["defaults"]
+            assert defaults["scheduler_cores"] == 0.5 and defaults["worker_cores"] == 1
+            assert 2 * (defaults["scheduler_cores"] + 2) + 2 <= machine_quota["cores"]
         with svc.client(None, token=token[:-1]) as http:
             assert http.get("/tenants/me").status_code == 401
         return token

@@ -149,3 +149,17 @@ def test_one_parser_of_times_for_the_api_and_the_cli() -> None:
     for bad in ("yesterday", "nan", "inf", "", "7 fortnights"):
         with pytest.raises(ValueError, match=r"neither a time|not a time"):
             parse_instant(bad, now)
+
+
+def test_a_refused_create_says_the_scheduler_counts_too() -> None:
+    from provisioner.quota import check_fits, cluster_costs
+
+    record = ClusterRecord(id="c-1", tenant="t", project="p", status=Status.PENDING,
+                           worker_cores=1, worker_memory=2**30, scheduler_cores=0.5,
+                           scheduler_memory=2**29, workers_requested=2, idle_timeout=1,
+                           no_client_timeout=1)
+    with pytest.raises(OverQuota) as refused:
+        check_fits(Quota(cores=2, memory=2**40, clusters=5), Usage(), cores=record.cores,
+                   memory=record.memory, clusters=1, explain=cluster_costs(record))
+    assert str(refused.value) == ("quota exceeded: cores 2.5 requested, 2 of 2 free "
+                                  "(2 workers of 1 and the scheduler's 0.5)")

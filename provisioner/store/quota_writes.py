@@ -11,7 +11,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from provisioner.models import LIVE, ClusterRecord
-from provisioner.quota import Usage, check_fits, check_workers_per_cluster, workers_that_fit
+from provisioner.quota import (
+    Usage,
+    check_fits,
+    check_workers_per_cluster,
+    cluster_costs,
+    workers_that_fit,
+)
 from provisioner.store.cluster_rows import ClusterRows
 from provisioner.store.database import NotFound
 from provisioner.store.schema import clusters_table
@@ -45,7 +51,8 @@ class QuotaWrites(ClusterRows):
         with self._tx(lock_tenant=record.tenant) as conn:
             usage = self._usage_of(conn, record.tenant)
             check_workers_per_cluster(quota, record.workers_requested)
-            check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1)
+            check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1,
+                       explain=cluster_costs(record))
             conn.execute(clusters_table.insert().values(**self._record_to_row(record)))
             self._account(conn, record)
         return record
