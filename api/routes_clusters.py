@@ -67,12 +67,13 @@ async def list_clusters(
     service: ServiceDep,
     base: BaseDep,
     status: Status | None = None,
+    live: Annotated[bool, Query(description="only clusters that have not ended")] = False,
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN)] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
     after: Annotated[str | None, Query(pattern=CLUSTER_ID_PATTERN,
                                        description="`next` of the last page")] = None,
 ) -> ClusterList:
-    records, next_id = await service.page(tenant, status, project, limit, after)
+    records, next_id = await service.page(tenant, status, project, limit, after, live=live)
     return ClusterList(clusters=[ClusterOut.of(r, base) for r in records], next=next_id)
 
 

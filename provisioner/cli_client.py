@@ -7,6 +7,7 @@ REST implementation; prints rich tables, and errors as one line (never a traceba
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from provisioner.client import ENDING, ClusterInfo, Provisioner, ProvisionerError
+from provisioner.client import ENDING, TERMINAL, ClusterInfo, Provisioner, ProvisionerError
 
 out = Console(soft_wrap=False)
 err = Console(stderr=True)
@@ -67,6 +68,10 @@ def _age(since: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _workers(info: ClusterInfo) -> str:
     return f"{info.workers_running}/{info.workers_requested}"
 
@@ -80,17 +85,23 @@ def _status(status: str) -> str:
     return f"[{colour}]{status}[/{colour}]" if colour else status
 
 
-def clusters_table(infos: list[ClusterInfo]) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("ID", no_wrap=True, min_width=14)
-    for name in ("PROJECT", "STATUS", "WORKERS", "CORES/W", "MEM/W", "ADAPTIVE", "AGE"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("SCHEDULER", overflow="fold")
+def clusters_lines(infos: list[ClusterInfo], wide: bool = False) -> list[str]:
+    """Plain aligned columns, one cluster a line, never wrapped or coloured (as kubectl
+    prints): fits 80 columns, and ``grep``, ``head`` and ``awk`` read it. ``wide`` adds the
+    workers' size, the adaptive bounds and the scheduler's address."""
+    header = ["ID", "PROJECT", "STATUS", "WORKERS", "AGE"]
+    if wide:
+        header += ["CORES/W", "MEM/W", "ADAPTIVE", "SCHEDULER"]
+    rows = [header]
     for info in infos:
-        table.add_row(info.id, info.project, _status(info.status), _workers(info),
-                      f"{info.worker_cores:g}", format_bytes(info.worker_memory), _adaptive(info),
-                      _age(info.created_at), info.scheduler_address or "-")
-    return table
+        row = [info.id, info.project, info.status, _workers(info), _age(info.created_at)]
+        if wide:
+            row += [f"{info.worker_cores:g}", format_bytes(info.worker_memory), _adaptive(info),
+                    info.scheduler_address or "-"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
 
 
 def _when(epoch: float | None) -> str:
@@ -218,23 +229,31 @@ def create(
         out.print(cluster_table(info))
 
 
+class Output(enum.StrEnum):
+    table = "table"
+    wide = "wide"
+    json = "json"
+
+
 @clusters_app.command("list")
 def list_(
     url: Url = None,
     token: Token = None,
     status: Annotated[Optional[str], typer.Option(help="only clusters in this status")] = None,  # noqa: UP045
     project: Annotated[Optional[str], typer.Option(help="only this project's clusters")] = None,  # noqa: UP045
+    all_: Annotated[bool, typer.Option("--all", "-a", help="stopped and failed ones too")] = False,
+    output: Annotated[Output, typer.Option("--output", "-o", help="table, wide or json")] = Output.table,
     as_json: AsJson = False,
 ) -> None:
-    """The tenant's clusters, newest first."""
+    """The tenant's live clusters (all with --all), newest first."""
     with service(url, token) as prov:
-        infos = prov.list_clusters(status=status, project=project)
-    if as_json:
+        infos = prov.list_clusters(status=status, project=project, include_stopped=all_)
+    if as_json or output == Output.json:
         _print_json([i.raw for i in infos])
     elif not infos:
-        err.print("no clusters")
+        err.print("no clusters" if all_ or status else "no live clusters (--all shows ended ones)")
     else:
-        out.print(clusters_table(infos))
+        typer.echo("\n".join(clusters_lines(infos, wide=output == Output.wide)))
 
 
 @clusters_app.command()
@@ -277,8 +296,8 @@ def scale(
     """Ask for a fixed number of workers (turns adaptivity off)."""
     with service(url, token) as prov:
         info = prov.scale_cluster(cluster_id, workers)
-    out.print(f"{info.id}: {info.workers_requested} workers requested ({info.workers_running} running)",
-              highlight=False)
+    out.print(f"{info.id}: {_count(info.workers_requested, 'worker')} requested "
+              f"({info.workers_running} running)", highlight=False)
 
 
 @clusters_app.command()
@@ -312,7 +331,10 @@ def delete(
             while wait and info.status not in {"stopped", "failed"} and time.monotonic() < deadline:
                 time.sleep(0.5)
                 info = prov.get_cluster(cluster_id)
-            out.print(f"{info.id}: {_status(info.status)}", highlight=False)
+            # Asked to stop but not stopped yet: say so (its status still reads as before).
+            shown = "stopping" if info.status not in ENDING else info.status
+            reason = f" ({info.stop_reason})" if info.status in TERMINAL and info.stop_reason else ""
+            out.print(f"{info.id}: {_status(shown)}{reason}", highlight=False)
 
 
 # -- usage ------------------------------------------------------------------------------------

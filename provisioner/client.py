@@ -271,8 +271,11 @@ class Provisioner(SyncMethodMixin):
         data = await self._request("GET", f"/clusters/{cluster_id}", params=params, wait=wait)
         return ClusterInfo.from_json(data)
 
-    async def _list(self, status: str | None = None, project: str | None = None) -> list[ClusterInfo]:
+    async def _list(self, status: str | None = None, project: str | None = None,
+                    include_stopped: bool = False) -> list[ClusterInfo]:
         params: dict[str, Any] = {k: v for k, v in (("status", status), ("project", project)) if v}
+        if not status and not include_stopped:
+            params["live"] = "true"
         params["limit"] = LIST_PAGE
         infos: list[ClusterInfo] = []
         while True:
@@ -361,9 +364,11 @@ class Provisioner(SyncMethodMixin):
         """Attach to an existing cluster (closing it leaves the cluster running by default)."""
         return self._sync(self._connect, cluster_id, shutdown_on_close, timeout)
 
-    def list_clusters(self, status: str | None = None, project: str | None = None) -> Any:
-        """The tenant's clusters, newest first, as ``ClusterInfo``."""
-        return self._sync(self._list, status, project)
+    def list_clusters(self, status: str | None = None, project: str | None = None,
+                      include_stopped: bool = False) -> Any:
+        """The tenant's clusters that have not ended (all with ``include_stopped``, or those
+        in ``status``), newest first, as ``ClusterInfo``."""
+        return self._sync(self._list, status, project, include_stopped)
 
     def get_cluster(self, cluster_id: str, wait: float = 0) -> Any:
         """One cluster's record; ``wait`` long-polls until it runs or ends."""

@@ -18,6 +18,7 @@ from provisioner.admission import InvalidRequest, adaptive_size, fixed_size
 from provisioner.metrics import Metrics
 from provisioner.models import (
     CLUSTER_ID_PATTERN,
+    LIVE,
     ClusterRecord,
     Outcome,
     Status,
@@ -114,13 +115,14 @@ class ClusterService:
 
     async def page(
         self, tenant: Tenant, status: Status | None = None, project: str | None = None,
-        limit: int | None = None, after: str | None = None,
+        limit: int | None = None, after: str | None = None, live: bool = False,
     ) -> tuple[list[ClusterRecord], str | None]:
-        """One page of the tenant's clusters, newest first, and the id to pass as ``after``
-        for the next page (None on the last)."""
+        """One page of the tenant's clusters, newest first (``live``: only those not ended),
+        and the id to pass as ``after`` for the next page (None on the last)."""
+        statuses = [status] if status else list(LIVE) if live else None
         try:
-            records = await self.store.clusters(tenant.name, [status] if status else None, project,
-                                            None if limit is None else limit + 1, after)
+            records = await self.store.clusters(tenant.name, statuses, project,
+                                                None if limit is None else limit + 1, after)
         except NotFound:
             raise InvalidRequest("after", f"no cluster {after} of this tenant") from None
         if limit is not None and len(records) > limit:

@@ -72,8 +72,16 @@ def test_cluster_commands(cli: CliRunner, app: typer.Typer, service: ServiceProc
     frame = progress_frame(last)
     assert frame == (cluster_id, f"scheduler up at {record['scheduler_address']}; workers", 1, 1), last
 
+    # Plain aligned lines, one cluster each, that fit 80 columns and survive a pipe.
     stdout, _ = run(cli, app, "clusters", "list")
-    assert cluster_id in stdout and "PROJECT" in stdout
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["ID", "PROJECT", "STATUS", "WORKERS", "AGE"]
+    (mine,) = [line for line in lines if line.startswith(cluster_id)]
+    assert mine.split()[:4] == [cluster_id, "cli", "running", "1/1"]
+    assert all(len(line) <= 80 for line in lines) and "\x1b" not in stdout
+    stdout, _ = run(cli, app, "clusters", "list", "-o", "wide")
+    (mine,) = [line for line in stdout.splitlines() if line.startswith(cluster_id)]
+    assert mine.split()[-1] == record["scheduler_address"], "the address whole, on its line"
     stdout, _ = run(cli, app, "clusters", "list", "--json", "--project", "cli")
     assert cluster_id in {c["id"] for c in json.loads(stdout)}
     stdout, _ = run(cli, app, "clusters", "show", cluster_id)
@@ -95,9 +103,14 @@ def test_cluster_commands(cli: CliRunner, app: typer.Typer, service: ServiceProc
         assert http.get(f"/clusters/{cluster_id}").json()["adaptive"] == {"minimum": 0, "maximum": 2}
 
     stdout, _ = run(cli, app, "clusters", "delete", cluster_id, "--wait")
-    assert f"{cluster_id}: stopped" in stdout
+    assert stdout.strip() == f"{cluster_id}: stopped (user)"
     with service.client("beta") as http:
         assert http.get(f"/clusters/{cluster_id}").json()["stop_reason"] == "user"
+    # Live clusters by default; --all shows the ended ones too.
+    stdout, _ = run(cli, app, "clusters", "list", "--project", "cli")
+    assert cluster_id not in stdout
+    stdout, _ = run(cli, app, "clusters", "list", "--all", "--project", "cli")
+    assert any(line.split()[:3] == [cluster_id, "cli", "stopped"] for line in stdout.splitlines())
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -141,7 +154,9 @@ def test_create_quiet_no_wait(cli: CliRunner, app: typer.Typer, service: Service
     stdout, _ = run(cli, app, "clusters", "create", "-q", "--no-wait", "--workers", "0")
     cluster_id = stdout.strip()
     assert cluster_id.startswith("c-") and "\n" not in cluster_id
-    run(cli, app, "clusters", "delete", cluster_id)
+    stdout, _ = run(cli, app, "clusters", "delete", cluster_id)
+    # Said as it is: stopping (or already stopped), never the status before the DELETE.
+    assert stdout.strip() in {f"{cluster_id}: stopping", f"{cluster_id}: stopped (user)"}, stdout
     with service.client("beta") as http:
         wait_until(lambda: http.get(f"/clusters/{cluster_id}").json()["status"] in {"stopping", "stopped"},
                    60, what="stopping")

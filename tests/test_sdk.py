@@ -181,9 +181,12 @@ def test_sync_cluster_lifecycle(prov: Provisioner, service: ServiceProcess) -> N
     finally:
         cluster.close()
     assert cluster.status.name == "closed"
-    wait_until(lambda: status_of(service, "alpha", cluster.cluster_id) in {"stopping", "stopped"},
-               30, what="cluster stopping")
-    assert any(c.id == cluster.cluster_id for c in prov.list_clusters())
+    wait_until(lambda: status_of(service, "alpha", cluster.cluster_id) == "stopped",
+               60, what="cluster stopped")
+    # Like dask-gateway's: live clusters by default, the ended ones when asked.
+    assert all(c.id != cluster.cluster_id for c in prov.list_clusters())
+    assert any(c.id == cluster.cluster_id and c.status == "stopped"
+               for c in prov.list_clusters(include_stopped=True))
 
 
 def test_connect_leaves_cluster_running(prov: Provisioner, service: ServiceProcess) -> None:
