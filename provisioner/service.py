@@ -96,8 +96,23 @@ class ClusterService:
         await self.reconciler.recover()
 
     async def stop(self, keep_clusters: bool | None = None) -> None:
+        """Stop serving: every live cluster is stopped, or with ``keep_clusters`` left running
+        for the next start to adopt; says which, so whoever stopped it knows."""
         keep = self.settings.keep_clusters if keep_clusters is None else keep_clusters
+        live = sorted(r.id for r in self.records.live())
         await self.reconciler.shutdown(stop_clusters=not keep)
+        if not live:
+            logger.info("shutdown: no live clusters")
+        elif keep:
+            logger.warning("shutdown: left %d cluster(s) running for the next start to adopt: %s",
+                           len(live), " ".join(live))
+        else:
+            ended = await asyncio.gather(*(self.store.get(c) for c in live))
+            done = [r.id for r in ended if r.status.terminal]
+            logger.warning("shutdown: stopped %d cluster(s): %s", len(done), " ".join(done))
+            if len(done) < len(live):
+                logger.warning("shutdown: could not confirm the end of: %s",
+                               " ".join(sorted(set(live) - set(done))))
         await self.store.close()
 
     # -- queries ---------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def test_graceful_stop_stops_every_cluster(make_service: MakeService) -> None:
     assert svc.signal(signal.SIGTERM) == 0
     assert not any(is_alive(p) for p in pids)
     assert svc.owned() == []
+    assert f"shutdown: stopped 1 cluster(s): {c['id']}" in svc.log.read_text()  # says what it did
     svc.start()
     stopped = svc.get_cluster("acme", c["id"])
     assert stopped["status"] == "stopped" and stopped["stop_reason"] == "service-shutdown"
@@ -101,6 +102,8 @@ def test_keep_clusters_leaves_them_running_and_readopts(make_service: MakeServic
     pids = svc.processes_of(c["id"])
     assert svc.signal(signal.SIGINT) == 0
     assert all(is_alive(p) for p in pids)
+    assert (f"shutdown: left 1 cluster(s) running for the next start to adopt: {c['id']}"
+            in svc.log.read_text())
     svc.start()
     assert svc.get_cluster("acme", c["id"])["status"] == "running"
     _computes(svc, c, 1)
