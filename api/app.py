@@ -33,9 +33,22 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+#: What pydantic puts before a validator's own message; the message says enough.
+_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _message(error: dict[str, Any]) -> str:
+    text = str(error.get("msg", ""))
+    for prefix in _PREFIXES:
+        text = text.removeprefix(prefix)
+    return text
+
+
 async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"field": _field(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
+        # A body that is not JSON at all is the body's fault, not field "0"'s.
+        {"field": "body" if e.get("type") == "json_invalid" else _field(tuple(e.get("loc", ()))),
+         "message": _message(e)}
         for e in exc.errors()
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)

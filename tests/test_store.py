@@ -339,3 +339,10 @@ async def test_steps_run_once_in_order_and_a_newer_schema_is_refused(
                                          f"this release's {migrations.LATEST}"):
         await asyncio.to_thread(store.migrate)
     assert await store.get_meta(migrations.VERSION_KEY) == str(migrations.LATEST + 1)
+
+
+def test_a_missing_database_driver_says_which_extra_brings_it() -> None:
+    from provisioner.store import make_engine
+
+    with pytest.raises(StoreError, match=r"driver not available .*install the 'postgres' extra"):
+        make_engine("postgresql+nosuchdriver://user@db/provisioner")

@@ -65,7 +65,9 @@ def make_engine(url: str) -> Engine:
             return engine
         return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
-        raise StoreError(f"state URL {url!r}: database driver not available ({exc})") from None
+        hint = ("; install the 'postgres' extra (pip install '.[server,postgres]') for "
+                "postgresql+psycopg:// URLs" if parsed.get_backend_name() == "postgresql" else "")
+        raise StoreError(f"state URL {url!r}: database driver not available ({exc}){hint}") from None
 
 
 class Database:
