@@ -58,7 +58,8 @@ class ScaleRequest(Strict):
 
 class AdaptRequest(Strict):
     minimum: WorkerCount = 0
-    maximum: WorkerCount
+    maximum: WorkerCount | None = Field(
+        None, description="most workers; default: as many as the tenant's quota allows")
 
 
 class WorkerCounts(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from provisioner.models import ClusterRecord
 from provisioner.quota import check_workers_per_cluster
 from provisioner.tenants import Tenant
 
@@ -52,6 +53,19 @@ def adaptive_size(tenant: Tenant, minimum: int | None, maximum: int,
     hi = maximum if limit is None else min(maximum, limit)
     start = lo if current is None else min(max(current, lo), hi)
     return Size(start, lo, hi)
+
+
+def largest(tenant: Tenant, record: ClusterRecord) -> int:
+    """The most workers this cluster could ever have: the tenant's per-cluster limit, and
+    what its whole quota holds beside the cluster's scheduler (an adaptive maximum when the
+    tenant names none, as dask-gateway's ``adapt()``)."""
+    quota = tenant.quota
+    bounds = [quota.workers_per_cluster] if quota.workers_per_cluster is not None else []
+    if record.worker_cores:
+        bounds.append(int((quota.cores - record.scheduler_cores + 1e-9) // record.worker_cores))
+    if record.worker_memory:
+        bounds.append((quota.memory - record.scheduler_memory) // record.worker_memory)
+    return max(0, min(bounds)) if bounds else 0
 
 
 def _workers(tenant: Tenant, field: str, value: int) -> None:

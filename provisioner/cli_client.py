@@ -303,7 +303,8 @@ def scale(
 @clusters_app.command()
 def adapt(
     cluster_id: ClusterId,
-    maximum: Annotated[int, typer.Option("--maximum", "--max", help="most workers")],
+    maximum: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--maximum", "--max", help="most workers [default: what the quota allows]")] = None,
     minimum: Annotated[int, typer.Option("--minimum", "--min", help="fewest workers")] = 0,
     url: Url = None,
     token: Token = None,

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import dask.config
 import httpx
+from distributed import Client
 from distributed.core import Status, rpc
 from distributed.deploy.cluster import Cluster
 from distributed.security import Security
@@ -51,6 +52,8 @@ MAX_POLL = 60.0
 DEFAULT_START_TIMEOUT = 300.0
 #: Clusters asked for per request when listing; the SDK follows `next` to the end.
 LIST_PAGE = 500
+#: What ``cluster_options`` fills from the tenant's defaults.
+OPTION_DEFAULTS = ("worker_cores", "worker_memory", "idle_timeout", "no_client_timeout")
 #: A cluster's signed dashboard link is fetched again this long before it expires.
 LINK_MARGIN = 60.0
 
@@ -159,6 +162,17 @@ class ClusterInfo:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def name(self) -> str:
+        """The cluster's id (dask-gateway calls it the cluster's name)."""
+        return self.id
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard through the service (needs the token; ``Provisioner.dashboard_link``
+        gives a signed link a browser opens alone)."""
+        return self.dashboard_url
+
 
 @dataclass(frozen=True)
 class DashboardLink:
@@ -209,9 +223,11 @@ class Provisioner(SyncMethodMixin):
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
-                 asynchronous: bool = False, loop: Any = None,
+                 address: str | None = None, asynchronous: bool = False, loop: Any = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        url = url or os.environ.get("PROVISIONER_URL") or dask.config.get("provisioner.url", None)
+        """``address`` is ``url``'s other name (dask-gateway's ``Gateway(address=...)``)."""
+        url = (url or address or os.environ.get("PROVISIONER_URL")
+               or dask.config.get("provisioner.url", None))
         token = (token or os.environ.get("PROVISIONER_TOKEN")
                  or dask.config.get("provisioner.token", None))
         if not url:
@@ -289,9 +305,11 @@ class Provisioner(SyncMethodMixin):
         data = await self._request("POST", f"/clusters/{cluster_id}/scale", json={"workers": workers})
         return ClusterInfo.from_json(data)
 
-    async def _adapt(self, cluster_id: str, minimum: int, maximum: int) -> ClusterInfo:
-        data = await self._request("POST", f"/clusters/{cluster_id}/adapt",
-                                   json={"minimum": minimum, "maximum": maximum})
+    async def _adapt(self, cluster_id: str, minimum: int, maximum: int | None) -> ClusterInfo:
+        body: dict[str, Any] = {"minimum": minimum}
+        if maximum is not None:
+            body["maximum"] = maximum
+        data = await self._request("POST", f"/clusters/{cluster_id}/adapt", json=body)
         return ClusterInfo.from_json(data)
 
     async def _stop(self, cluster_id: str) -> ClusterInfo:
@@ -348,16 +366,31 @@ class Provisioner(SyncMethodMixin):
 
     # -- public API ---------------------------------------------------------------------------
 
-    def new_cluster(self, *, shutdown_on_close: bool = True,
-                    timeout: float = DEFAULT_START_TIMEOUT, **options: Any) -> Any:
+    def new_cluster(self, cluster_options: dict[str, Any] | None = None, *,
+                    shutdown_on_close: bool = True, timeout: float = DEFAULT_START_TIMEOUT,
+                    **options: Any) -> Any:
         """Start a cluster and connect to it once its scheduler runs.
 
         ``options`` are the REST body of ``POST /clusters``: ``project``, ``workers``,
         ``worker_cores``, ``worker_memory`` (bytes or "2GiB"), ``adaptive`` ((min, max) or a
         dict), ``idle_timeout``, ``no_client_timeout``, ``env``, ``image``. The service
-        validates them and fills the rest from the tenant's defaults.
+        validates them and fills the rest from the tenant's defaults. ``cluster_options``
+        (from :meth:`cluster_options`, as with dask-gateway) gives them as one dict;
+        keywords win over it.
         """
-        return self._sync(self._new_cluster, options, shutdown_on_close, timeout)
+        return self._sync(self._new_cluster, {**(cluster_options or {}), **options},
+                          shutdown_on_close, timeout)
+
+    def cluster_options(self) -> Any:
+        """The options a new cluster takes, filled with this tenant's defaults: change what
+        you need and pass the dict to ``new_cluster`` (dask-gateway's habit)."""
+        return self._sync(self._cluster_options)
+
+    async def _cluster_options(self) -> dict[str, Any]:
+        defaults = (await self._tenant()).get("defaults") or {}
+        return {"project": "default", "workers": 1,
+                **{key: defaults[key] for key in OPTION_DEFAULTS if key in defaults},
+                "env": {}}
 
     def connect(self, cluster_id: str, *, shutdown_on_close: bool = False,
                 timeout: float = DEFAULT_START_TIMEOUT) -> Any:
@@ -381,7 +414,7 @@ class Provisioner(SyncMethodMixin):
     def scale_cluster(self, cluster_id: str, workers: int) -> Any:
         return self._sync(self._scale, cluster_id, workers)
 
-    def adapt_cluster(self, cluster_id: str, minimum: int, maximum: int) -> Any:
+    def adapt_cluster(self, cluster_id: str, minimum: int = 0, maximum: int | None = None) -> Any:
         return self._sync(self._adapt, cluster_id, minimum, maximum)
 
     def stop_cluster(self, cluster_id: str) -> Any:
@@ -503,7 +536,7 @@ class ProvisionedCluster(Cluster):
         self.info = await self.provisioner._scale(self.info.id, n)
         return self.info
 
-    async def _adapt(self, minimum: int, maximum: int) -> ClusterInfo:
+    async def _adapt(self, minimum: int, maximum: int | None) -> ClusterInfo:
         self.info = await self.provisioner._adapt(self.info.id, minimum, maximum)
         return self.info
 
@@ -515,19 +548,29 @@ class ProvisionedCluster(Cluster):
         """Ask the service for ``n`` workers (turns adaptivity off)."""
         return self.sync(self._scale, n)
 
-    def adapt(self, Adaptive: Any = None, *, minimum: int = 0,  # type: ignore[override]
-              maximum: int | None = None, **kwargs: Any) -> Any:
-        """Let the service scale between ``minimum`` and ``maximum`` workers.
+    def adapt(self, minimum: int | None = None, maximum: int | None = None,  # type: ignore[override]
+              active: bool = True, **kwargs: Any) -> Any:
+        """Let the service scale between ``minimum`` (default 0) and ``maximum`` workers
+        (default: as many as the tenant's quota allows), as dask-gateway's ``adapt``;
+        ``active=False`` turns adaptivity off and keeps the workers there are.
 
         Dask's own ``Adaptive`` options (``interval``, ``wait_count``, ...) do not apply: the
         service decides from the scheduler's adaptive target within the tenant's quota.
         """
-        if maximum is None:
-            raise ValueError("adapt() needs maximum=: the service only grows within a bound")
-        if Adaptive is not None or kwargs:
+        if kwargs:
             warnings.warn(f"ignored by the service's adaptive scaling: {sorted(kwargs)}",
                           UserWarning, stacklevel=2)
-        return self.sync(self._adapt, minimum, maximum)
+        if not active:
+            return self.sync(self._scale, self.info.workers_requested)
+        return self.sync(self._adapt, minimum or 0, maximum)
+
+    def get_client(self, set_as_default: bool = True) -> Client:
+        """A ``distributed.Client`` of this cluster (TLS handled): the current one if it is
+        this cluster's; with ``set_as_default=False`` a new one that does not become the
+        default (dask-gateway's argument)."""
+        if set_as_default:
+            return super().get_client()
+        return Client(self, set_as_default=False)
 
     def refresh(self) -> Any:
         """Fetch the service's current record for this cluster into ``info``."""
@@ -550,7 +593,10 @@ class ProvisionedCluster(Cluster):
             if self.shutdown_on_close:
                 self.info = await self.provisioner._stop(self.info.id)
 
-    def close(self, timeout: float | None = None) -> Any:
+    def close(self, timeout: float | None = None, shutdown: bool | None = None) -> Any:
+        """Disconnect; the cluster stops if ``shutdown`` (default: ``shutdown_on_close``)."""
+        if shutdown is not None:
+            self.shutdown_on_close = shutdown
         result = super().close(timeout=timeout)
         if not self.asynchronous:
             self._loop_runner.stop()

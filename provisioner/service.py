@@ -14,7 +14,7 @@ from typing import Any
 
 from clusters.base import Backend
 from clusters.logs import cluster_log
-from provisioner.admission import InvalidRequest, adaptive_size, fixed_size
+from provisioner.admission import InvalidRequest, adaptive_size, fixed_size, largest
 from provisioner.metrics import Metrics
 from provisioner.models import (
     CLUSTER_ID_PATTERN,
@@ -209,8 +209,10 @@ class ClusterService:
         return record
 
     async def adapt(self, tenant: Tenant, cluster_id: str, minimum: int,
-                    maximum: int) -> ClusterRecord:
+                    maximum: int | None = None) -> ClusterRecord:
         record = await self._live(tenant, cluster_id)
+        if maximum is None:
+            maximum = max(minimum, largest(tenant, record))
         size = adaptive_size(tenant, minimum, maximum, current=record.workers_requested)
         record = await self.records.resize(
             cluster_id, tenant.quota, size.workers, adaptive_minimum=size.adaptive_minimum,

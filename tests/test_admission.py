@@ -50,3 +50,17 @@ def test_adaptive_bounds_that_cannot_hold_are_refused_naming_the_field() -> None
         adaptive_size(_tenant(None), 3, 2, field="adaptive.minimum")
     with pytest.raises(OverQuota, match="workers_per_cluster 5 requested"):
         adaptive_size(_tenant(4), 5, 6)
+
+
+def test_an_adaptive_maximum_left_out_is_what_the_quota_allows_beside_the_scheduler() -> None:
+    from provisioner.admission import largest
+    from provisioner.models import ClusterRecord, Status
+
+    record = ClusterRecord(id="c-1", tenant="t", project="p", status=Status.RUNNING,
+                           worker_cores=1, worker_memory=GiB, scheduler_cores=0.5,
+                           scheduler_memory=GiB, workers_requested=0, idle_timeout=1,
+                           no_client_timeout=1)
+    assert largest(_tenant(None), record) == 7  # cores: (8 - 0.5) // 1; memory allows 15
+    assert largest(_tenant(4), record) == 4  # the per-cluster limit is lower
+    big = record.evolve(worker_memory=6 * GiB)
+    assert largest(_tenant(None), big) == 2  # memory: (16 - 1) // 6

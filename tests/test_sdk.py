@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -161,8 +162,8 @@ def test_sync_cluster_lifecycle(prov: Provisioner, service: ServiceProcess) -> N
         with service.client("alpha") as http:
             assert http.get(f"/clusters/{cluster.cluster_id}").json()["adaptive"] == \
                 {"minimum": 0, "maximum": 3}
-        with pytest.raises(ValueError, match="maximum"):
-            cluster.adapt(minimum=1)
+        # No maximum: as many as alpha's quota allows beside the scheduler (8 - 0.5 cores).
+        assert cluster.adapt(minimum=1).adaptive == (1, 7)
 
         # The Jupyter widget's buttons act on the service like the methods do.
         widget = cluster._widget()
@@ -297,3 +298,35 @@ def test_plain_tcp_cluster(make_service: Callable[..., ServiceProcess]) -> None:
         with pytest.raises(ProvisionerError, match="does not use TLS") as excinfo:
             prov.security(cluster.cluster_id)
         assert excinfo.value.status_code == 409
+
+
+def test_dask_gateway_habits_work(prov: Provisioner, service: ServiceProcess) -> None:
+    """What a dask-gateway user types first: address=, cluster_options(), positional and
+    argument-less adapt(), get_client(set_as_default=False), close(shutdown=True), .name."""
+    assert Provisioner(address=service.url, token="token-alpha").url == service.url
+    options = prov.cluster_options()
+    assert options["worker_cores"] == 1 and options["worker_memory"] == 512 * 2**20
+    options.update(workers=0, project="habits")
+    cluster = prov.new_cluster(options, shutdown_on_close=False)
+    try:
+        assert cluster.info.project == "habits" and cluster.info.workers_requested == 0
+        cluster.adapt(0, 2)
+        assert prov.get_cluster(cluster.cluster_id).adaptive == (0, 2)
+        # alpha: 8 cores, workers of 1, a scheduler of 0.5: at most 7 workers.
+        cluster.adapt()
+        assert prov.get_cluster(cluster.cluster_id).adaptive == (0, 7)
+        cluster.adapt(active=False)
+        assert prov.get_cluster(cluster.cluster_id).adaptive is None
+        client = cluster.get_client(set_as_default=False)
+        try:
+            assert client.run_on_scheduler(lambda: 7) == 7
+            with contextlib.suppress(ValueError):  # no default client at all is fine too
+                assert Client.current(allow_global=True) is not client
+        finally:
+            client.close()
+        (info,) = [i for i in prov.list_clusters() if i.id == cluster.cluster_id]
+        assert info.name == info.id and info.dashboard_link == info.dashboard_url
+    finally:
+        cluster.close(shutdown=True)
+    wait_until(lambda: status_of(service, "alpha", cluster.cluster_id) in {"stopping", "stopped"},
+               30, what="close(shutdown=True) stops it")
