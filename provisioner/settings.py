@@ -130,6 +130,12 @@ class Settings(BaseSettings):
 
     @property
     def state_url(self) -> str:
-        if self.state:
-            return self.state
-        return f"sqlite:///{(self.data_dir / 'provisioner.db').resolve()}"
+        """The state's SQLAlchemy URL. A plain ``postgresql://`` (or ``postgres://``) URL, as
+        PostgreSQL's own tools write them, means the driver this package installs (psycopg 3),
+        not SQLAlchemy's default (psycopg2)."""
+        if not self.state:
+            return f"sqlite:///{(self.data_dir / 'provisioner.db').resolve()}"
+        for plain in ("postgresql://", "postgres://"):
+            if self.state.startswith(plain):
+                return "postgresql+psycopg://" + self.state[len(plain):]
+        return self.state

@@ -1132,3 +1132,57 @@ def test_notes_render(renderer, name):
     assert "{{" not in notes
     if name is None:
         assert 'tenant "default"' in notes
+
+
+# --------------------------------------------------------------------------------------------
+# The image the chart runs: the Dockerfile (no Docker engine here: parsed, not built)
+# --------------------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, per stage, continuation lines joined."""
+    text = (CHART.parent.parent / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stages.append([])
+        assert stages, "the Dockerfile starts with FROM"
+        stages[-1].append((word.upper(), rest.strip()))
+    return stages
+
+
+def test_the_chart_runs_the_image_the_dockerfile_builds(renderer, defaults):
+    import tomllib
+
+    stages = dockerfile_stages()
+    final = dict(stages[-1])  # the last of each instruction counts
+    assert final["FROM"].startswith("python:3.11-slim"), "slim, the Python the package needs"
+    # The server and postgres extras are installed, from what the first stage built.
+    installs = " ".join(v for k, v in stages[-1] if k == "RUN")
+    assert "'dask-provisioner[server,postgres]'" in installs
+    assert any(k == "RUN" and "'.[server,postgres]'" in v for k, v in stages[0])
+    copied = {v.split()[0] for k, v in stages[0] if k == "COPY"}
+    packages = tomllib.loads((CHART.parent.parent / "pyproject.toml").read_text())
+    for package in packages["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert package.rstrip("*") in copied, f"the image lacks {package}"
+    # Not root: the user the chart's pod security context names, with the data folder its own.
+    user, _, group = final["USER"].partition(":")
+    security = defaults["podSecurityContext"]
+    assert (int(user), int(group)) == (security["runAsUser"], security["runAsGroup"]) != (0, 0)
+    assert security["runAsNonRoot"] is True
+    assert f"chown {user}:{group} {defaults['server']['dataDir']}" in installs
+    # The chart's image name and tag are what a build for this version is tagged, and the
+    # chart's command is the image's entrypoint with the port the image exposes.
+    c = container(renderer.manifests())
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert c["image"] == f"dask-provisioner:{packages['project']['version']}"
+    assert meta["appVersion"] == packages["project"]["version"]
+    assert f"docker build -t {c['image']} ." in (CHART.parent.parent / "Dockerfile").read_text()
+    assert json.loads(final["ENTRYPOINT"]) == c["command"][:1]
+    assert final["EXPOSE"] == str(defaults["server"]["port"])
+    assert defaults["server"]["dataDir"] in json.loads(final["CMD"])

@@ -163,3 +163,14 @@ def test_a_refused_create_says_the_scheduler_counts_too() -> None:
                    memory=record.memory, clusters=1, explain=cluster_costs(record))
     assert str(refused.value) == ("quota exceeded: cores 2.5 requested, 2 of 2 free "
                                   "(2 workers of 1 and the scheduler's 0.5)")
+
+
+def test_a_plain_postgresql_url_means_the_installed_driver() -> None:
+    from provisioner.settings import Settings
+
+    assert Settings(state="postgresql://u:p@db:5432/prov").state_url == \
+        "postgresql+psycopg://u:p@db:5432/prov"
+    assert Settings(state="postgres://u@db/prov").state_url == "postgresql+psycopg://u@db/prov"
+    assert Settings(state="postgresql+psycopg2://u@db/prov").state_url == \
+        "postgresql+psycopg2://u@db/prov"  # a driver named is kept
+    assert Settings(state="postgresql://u@db/prov").postgresql_url == "postgresql+psycopg://u@db/prov"
