@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from provisioner.settings import Settings
     from provisioner.store import Store
 
-SERVER_EXTRA = "pip install 'dask-provisioner[server]'"
+SERVER_EXTRA = "install the 'server' extra: pip install '.[server]' in a clone of the repository"
 
 app = typer.Typer(help="Per-tenant Dask clusters on demand.", no_args_is_help=True,
                   pretty_exceptions_enable=False)

@@ -98,7 +98,7 @@ def test_cli_without_the_server_installed() -> None:
     served = subprocess.run([sys.executable, "-c", blocker, "serve"],
                             capture_output=True, text=True, env=env, timeout=60)
     assert served.returncode == 2, served.stderr
-    assert "pip install 'dask-provisioner[server]'" in served.stderr
+    assert "install the 'server' extra: pip install '.[server]'" in served.stderr
     assert "Traceback" not in served.stderr
 
 
