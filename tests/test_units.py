@@ -174,3 +174,30 @@ def test_a_plain_postgresql_url_means_the_installed_driver() -> None:
     assert Settings(state="postgresql+psycopg2://u@db/prov").state_url == \
         "postgresql+psycopg2://u@db/prov"  # a driver named is kept
     assert Settings(state="postgresql://u@db/prov").postgresql_url == "postgresql+psycopg://u@db/prov"
+
+
+def test_every_serve_option_is_a_setting_its_variable_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flag, then PROVISIONER_* variable, then default, for every setting: each option of
+    ``serve`` is a setting of the same name, which its variable sets when no flag is given
+    (tests/test_cli.py checks on a real ``serve`` that a flag wins over its variable)."""
+    import inspect
+
+    from provisioner import cli
+    from provisioner.settings import Settings
+
+    options = [name for name in inspect.signature(cli.serve).parameters if name != "standby"]
+    assert set(options) <= set(Settings.model_fields), set(options) - set(Settings.model_fields)
+    source = inspect.getsource(cli.serve)
+    for name in options:
+        assert f'"{name}": {name}' in source, f"serve does not pass --{name} on"
+    samples = {"host": "0.0.0.0", "port": "9", "tenants": "t.yaml", "state": "sqlite:///x.db",
+               "data_dir": "d", "secret_key_file": "k", "backend": "mesos",
+               "mesos_master": "m:5050", "mesos_command": "run", "keep_clusters": "true",
+               "tls": "false", "max_connections": "7", "header_timeout": "3",
+               "body_timeout": "4", "public_url": "https://p.example", "log_level": "debug"}
+    assert set(samples) == set(options)
+    for name, value in samples.items():
+        monkeypatch.setenv(f"PROVISIONER_{name.upper()}", value)
+    settings = Settings()
+    for name in options:
+        assert getattr(settings, name) != Settings.model_fields[name].default, name
