@@ -21,7 +21,7 @@ MESSAGES = {
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    timeout = 10  # a client that sends nothing does not hold the one serving thread
+    timeout = 2  # a client that sends nothing holds its own thread, and not for long
     state = "standby"
 
     def _answer(self) -> None:
@@ -48,8 +48,10 @@ class Placeholder:
 
     def __init__(self, sock: socket.socket, state: str) -> None:
         self._handler: type[_Handler] = type("Handler", (_Handler,), {"state": state})
-        self._server = http.server.HTTPServer(sock.getsockname()[:2], self._handler,
-                                              bind_and_activate=False)
+        # A thread per request: one silent client never keeps a liveness probe waiting.
+        self._server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], self._handler,
+                                                       bind_and_activate=False)
+        self._server.daemon_threads = True
         self._server.socket.close()
         self._server.socket = sock
         sock.listen(128)

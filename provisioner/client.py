@@ -561,8 +561,12 @@ class ProvisionedCluster(Cluster):
             warnings.warn(f"ignored by the service's adaptive scaling: {sorted(kwargs)}",
                           UserWarning, stacklevel=2)
         if not active:
-            return self.sync(self._scale, self.info.workers_requested)
+            return self.sync(self._freeze)
         return self.sync(self._adapt, minimum or 0, maximum)
+
+    async def _freeze(self) -> ClusterInfo:
+        """Adaptivity off at the worker count the service holds now (not a stale one)."""
+        return await self._scale((await self._refresh()).workers_requested)
 
     def get_client(self, set_as_default: bool = True) -> Client:
         """A ``distributed.Client`` of this cluster (TLS handled): the current one if it is

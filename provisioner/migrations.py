@@ -38,7 +38,9 @@ def _wanted_column(conn: Connection) -> None:
     a stop flag beside what it is."""
     conn.exec_driver_sql(
         "ALTER TABLE clusters ADD COLUMN wanted VARCHAR(16) NOT NULL DEFAULT 'running'")
-    conn.exec_driver_sql("UPDATE clusters SET wanted = 'stopped' WHERE stop_requested")
+    # Stopped by a user, a reap or a shutdown (which did not always set the flag).
+    conn.exec_driver_sql(
+        "UPDATE clusters SET wanted = 'stopped' WHERE stop_requested OR status = 'stopped'")
     conn.exec_driver_sql("ALTER TABLE clusters DROP COLUMN stop_requested")
 
 

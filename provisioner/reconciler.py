@@ -120,6 +120,8 @@ class ClusterRunner:
             if record.status.terminal:
                 return
             await self._reconcile_workers(record)
+            if self.rec.records.cached(self.id) is None:
+                return  # it ended (workers that keep exiting fail it)
             reason = reap_reason(record, self.report, time.monotonic() - self.report_at)
             if reason is not None:
                 reason = await self._confirm_reap(record)
@@ -198,6 +200,10 @@ class ClusterRunner:
         if not outcome.is_failure and record.status != Status.STOPPING:
             await self.rec.records.update(self.id, status=Status.STOPPING, wanted=Wanted.STOPPED,
                                           stop_reason=outcome.reason, stop_detail=outcome.detail)
+        elif outcome.is_failure and record.stop_reason is None:
+            # Said before the processes go: a shutdown meanwhile ends it failed, not stopped.
+            await self.rec.records.update(self.id, stop_reason=outcome.reason,
+                                          stop_detail=outcome.detail)
         await self._unlink()
         await self._stop_processes()
         await self.rec.records.end(self.id, outcome)
@@ -207,16 +213,7 @@ class ClusterRunner:
     async def _stop_processes(self) -> None:
         """Have the backend stop everything of the cluster, retrying until it confirms: the
         record meanwhile stays live, its quota held, since something of it may still run."""
-        delay = 0.5
-        while True:
-            try:
-                await self.rec.backend.stop_cluster(self.id)
-                return
-            except Exception as exc:
-                self.rec.backend_error("stop")
-                self.log.warning("stop failed, again in %gs: %r", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        await self.rec.stop_until_confirmed(self.id, self.log)
 
     # -- observing -----------------------------------------------------------------------
 
@@ -288,7 +285,7 @@ class ClusterRunner:
             self._down_since = self._down_since or now
             if now - self._down_since >= self.rec.settings.adapt_down_delay:
                 self._down_since = None
-                closable = await self._closable(record.workers_requested - target)
+                closable = await self._closable(record, record.workers_requested - target)
                 if closable:
                     return await self.rec.records.resize(
                         self.id, tenant.quota, record.workers_requested - closable)
@@ -296,20 +293,21 @@ class ClusterRunner:
             self._down_since = None
         return record
 
-    async def _closable(self, count: int) -> int:
-        """How many of ``count`` workers an adaptive scale-down may take now: those that never
-        connected, and those the scheduler agrees to close at this moment (its report may
-        predate work that arrived since; a worker holding the only copy of a result stays)."""
+    async def _closable(self, record: ClusterRecord, count: int) -> int:
+        """How many of ``count`` workers an adaptive scale-down may take now: those wanted but
+        not there (a start failed, a loss not replaced yet), those that never connected, and
+        those the scheduler agrees to close at this moment (its report may predate work that
+        arrived since; a worker holding the only copy of a result stays)."""
         live = self.rec.backend.live_workers(self.id)
         connected = set(self.report.workers) if self.report else set()
-        unconnected = len(live - connected)
-        if unconnected >= count or self.link is None:
+        free = max(0, record.workers_requested - len(live)) + len(live - connected)
+        if free >= count or self.link is None:
             return count
         try:
-            agreed = await self.link.workers_to_close(count - unconnected, idle_only=True)
+            agreed = await self.link.workers_to_close(count - free, idle_only=True)
         except Exception:
-            return 0  # ask again next round
-        return unconnected + len(set(agreed) & live & connected)
+            return min(free, count)  # ask Dask again next round
+        return free + len(set(agreed) & live & connected)
 
     async def _reconcile_workers(self, record: ClusterRecord) -> None:
         if record.status != Status.RUNNING or not record.scheduler_address:
@@ -366,6 +364,8 @@ class Reconciler:
         self.runners: dict[str, ClusterRunner] = {}
         #: Counts backend failures by kind (set by the service to its metrics).
         self.on_backend_error: Any = None
+        #: Stops of what a lost scheduler left, going on in the background.
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def backend_error(self, kind: str) -> None:
         if self.on_backend_error is not None:
@@ -405,7 +405,9 @@ class Reconciler:
         runners = list(self.runners.values())
         for runner in runners:
             runner.task.cancel()
-        await asyncio.gather(*(r.task for r in runners), return_exceptions=True)
+        for task in list(self._stopping):
+            task.cancel()
+        await asyncio.gather(*(r.task for r in runners), *self._stopping, return_exceptions=True)
         if stop_clusters:
             async def stop(record: ClusterRecord) -> None:
                 with contextlib.suppress(Exception):
@@ -432,7 +434,25 @@ class Reconciler:
         runner = self.runners.get(cluster_id)
         if runner is not None:
             runner.task.cancel()
-        await self.backend.stop_cluster(cluster_id)
+        # What is left of it (workers) goes, retried until the backend confirms.
+        log = cluster_log(logger, record.tenant, cluster_id)
+        task = asyncio.create_task(self.stop_until_confirmed(cluster_id, log))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def stop_until_confirmed(self, cluster_id: str, log: logging.LoggerAdapter[Any]
+                                   | logging.Logger) -> None:
+        """The backend stops everything of the cluster; failures are retried with backoff."""
+        delay = 0.5
+        while True:
+            try:
+                await self.backend.stop_cluster(cluster_id)
+                return
+            except Exception as exc:
+                self.backend_error("stop")
+                log.warning("stop failed, again in %gs: %r", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def worker_lost(self, cluster_id: str, name: str, reason: str) -> None:
         runner = self.runners.get(cluster_id)

@@ -19,6 +19,9 @@ from provisioner.quota import Usage
 from provisioner.store import Store
 from provisioner.tenants import Quota
 
+#: What says how a cluster ends: written while it is live only.
+_ENDING_FIELDS = frozenset({"wanted", "stop_reason", "stop_detail"})
+
 #: Called with (previous live record or None, new record) after every write.
 Listener = Callable[[ClusterRecord | None, ClusterRecord], None]
 
@@ -80,6 +83,9 @@ class Records:
 
     async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:
         async with self._write_lock(cluster_id):
+            if _ENDING_FIELDS & set(changes) and cluster_id not in self._live:
+                # Ended meanwhile (a lost scheduler, say): how it ended is not rewritten.
+                return await self.store.get(cluster_id)
             return self._put(await self.store.update(cluster_id, **changes))
 
     async def end(self, cluster_id: str, outcome: Outcome) -> ClusterRecord:
@@ -90,6 +96,8 @@ class Records:
             record = await self.get(cluster_id)
             if record.status.terminal:
                 return record
+            if record.outcome is not None:
+                outcome = record.outcome  # decided first (a stop asked, a failure said): it stands
             ending: dict[str, Any] = {"stop_reason": outcome.reason,
                                       "stop_detail": outcome.detail, "workers_running": 0}
             if outcome.is_failure:  # what was wanted stays as it was: it failed

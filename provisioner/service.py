@@ -89,6 +89,7 @@ class ClusterService:
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
         self.metrics = Metrics(self.records, tenants)
         self.reconciler.on_backend_error = self.metrics.backend_errors.labels
+        self._stopped = False
 
     async def start(self) -> None:
         await self.store.open([t.name for t in self.tenants])
@@ -98,6 +99,9 @@ class ClusterService:
     async def stop(self, keep_clusters: bool | None = None) -> None:
         """Stop serving: every live cluster is stopped, or with ``keep_clusters`` left running
         for the next start to adopt; says which, so whoever stopped it knows."""
+        if self._stopped:
+            return
+        self._stopped = True
         keep = self.settings.keep_clusters if keep_clusters is None else keep_clusters
         live = sorted(r.id for r in self.records.live())
         await self.reconciler.shutdown(stop_clusters=not keep)

@@ -299,3 +299,12 @@ def test_ports_come_from_the_offered_ranges_without_reuse() -> None:
     assert small.fits(request("t2", "a"))
     small.take(request("t2", "a"))
     assert not small.fits(request("t3", "a"))
+
+
+def test_a_task_state_this_code_does_not_know_is_no_end() -> None:
+    from clusters.mesos.book import TaskState
+
+    assert TaskState.of("TASK_FAILED").terminal and TaskState.of("TASK_UNKNOWN").terminal
+    assert not TaskState.of("TASK_RUNNING").terminal
+    assert TaskState.of("TASK_FROM_A_LATER_MESOS") == TaskState.OTHER
+    assert not TaskState.of("TASK_FROM_A_LATER_MESOS").terminal and not TaskState.of(None).terminal

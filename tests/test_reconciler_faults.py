@@ -232,6 +232,9 @@ async def test_duplicated_and_out_of_order_events_change_nothing_twice(make: Any
     await events.scheduler_lost(record.id, Outcome(StopReason.IDLE))
     ended = await _until(service, record.id, Status.FAILED, Status.STOPPED)
     assert ended.outcome == Outcome.failed("scheduler task TASK_FAILED: first")
+    # A stop or a reap decided just too late does not rewrite how it ended.
+    late = await service.records.update(record.id, wanted=Wanted.STOPPED, stop_reason=StopReason.USER)
+    assert (late.status, late.outcome) == (Status.FAILED, ended.outcome)
     # A loss arriving after the end changes nothing either.
     await events.worker_lost(record.id, name, "late")
     await events.state_changed(record.id, {"scheduler": None, "workers": {}})
@@ -275,3 +278,15 @@ async def test_a_restarted_service_re_adopts_what_runs_and_fails_what_died(
     await second.delete(TENANT, kept.id)
     assert (await _until(second, kept.id, Status.STOPPED)).outcome == Outcome(StopReason.USER)
     assert (await second.usage(TENANT)).clusters == 0
+
+
+async def test_the_first_reason_to_end_stands_when_a_shutdown_comes_meanwhile(make: Any) -> None:
+    backend = FaultyBackend("ok", stop_failures=1000)  # the user's stop cannot finish
+    service = await make(backend)
+    record = await service.create(TENANT, ClusterRequest(workers=0))
+    await _until(service, record.id, Status.RUNNING)
+    await service.delete(TENANT, record.id)
+    await _until(service, record.id, Status.STOPPING)
+    # The service's shutdown ends it (as Reconciler.shutdown does once its stop went through).
+    ended = await service.records.end(record.id, Outcome(StopReason.SHUTDOWN))
+    assert (ended.status, ended.outcome) == (Status.STOPPED, Outcome(StopReason.USER))

@@ -309,12 +309,12 @@ class LocalBackend(Backend):
                     self._watch(spec.cluster_id, name, wref)
             await self._save(spec.cluster_id)
         await asyncio.to_thread(self._end_unaccounted, result)
-        await asyncio.to_thread(self._sweep_folders, set(result))
         strays = await asyncio.to_thread(self._find_ours, known)
         if strays:
             logger.warning("killing %d unrecognised cluster process(es): %s", len(strays),
                            [r.pid for r in strays])
         await asyncio.gather(*(terminate(r, grace=2) for r in strays))
+        await asyncio.to_thread(self._sweep_folders, set(result))  # nothing left to write there
         return result
 
     def _end_unaccounted(self, outcome: dict[str, Outcome | None]) -> None:

@@ -39,14 +39,15 @@ class TaskState(enum.StrEnum):
     GONE = "TASK_GONE"
     GONE_BY_OPERATOR = "TASK_GONE_BY_OPERATOR"
     UNKNOWN = "TASK_UNKNOWN"
+    OTHER = "OTHER"  # a state this code does not know (a later Mesos's): not an end
 
     @classmethod
     def of(cls, text: object) -> TaskState:
-        """A state from an update (anything Mesos may add later reads as unknown)."""
+        """A state from an update; one this code does not know is no end of the task."""
         try:
             return cls(str(text))
         except ValueError:
-            return cls.UNKNOWN
+            return cls.OTHER
 
     @property
     def terminal(self) -> bool:

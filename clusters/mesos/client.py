@@ -216,7 +216,6 @@ class MesosClient:
         return body
 
     async def _subscribe_once(self) -> None:
-        self._leader = None
         base = self._leader = await self.detector.leader()
         self._reconnect.clear()
         for _ in range(MAX_REDIRECTS + 1):

@@ -93,6 +93,7 @@ class Detector:
         self._zk: Any = None
         self._zk_lock = threading.Lock()
         self._connected = threading.Event()
+        self._closed = False
         self._zk_path = ""
         if master.startswith("zk://"):
             rest = master[len("zk://"):]
@@ -135,6 +136,8 @@ class Detector:
         from kazoo.retry import KazooRetry
 
         with self._zk_lock:
+            if self._closed:
+                raise DetectorError("the detector is closed")
             if self._zk is None:
                 retry = {"max_tries": -1, "delay": 0.1, "backoff": 2,
                          "max_delay": RECONNECT_MAX_DELAY}
@@ -169,6 +172,7 @@ class Detector:
 
     def _close_zk(self) -> None:
         with self._zk_lock:
+            self._closed = True  # a lookup still running in a thread starts no new session
             zk, self._zk = self._zk, None
         if zk is not None:
             try:
@@ -179,5 +183,4 @@ class Detector:
 
     async def close(self) -> None:
         self._loop = None
-        if self._zk is not None:
-            await asyncio.to_thread(self._close_zk)
+        await asyncio.to_thread(self._close_zk)
