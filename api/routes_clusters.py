@@ -54,6 +54,7 @@ async def create_cluster(
         no_client_timeout=body.no_client_timeout,
         env=body.env,
         image=body.image,
+        environment=body.environment,
     )
     record = await service.create(tenant, request)
     if wait:

@@ -1,4 +1,4 @@
-"""/tenants/me, /tenants/me/usage, /livez, /healthz and /metrics."""
+"""/tenants/me, /tenants/me/usage, /environments, /livez, /healthz and /metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.auth import current_tenant, get_provisioner
-from api.schemas import ErrorOut, Health, ProjectUsage, TenantOut, UsageOut
+from api.schemas import (
+    EnvironmentList,
+    EnvironmentOut,
+    ErrorOut,
+    Health,
+    ProjectUsage,
+    TenantOut,
+    UsageOut,
+)
 from provisioner.service import ClusterService, InvalidRequest
 from provisioner.sizes import parse_instant
 from provisioner.tenants import Tenant
@@ -25,6 +33,22 @@ async def me(
     service: Annotated[ClusterService, Depends(get_provisioner)],
 ) -> TenantOut:
     return TenantOut(**service.describe_tenant(tenant, await service.usage(tenant)))
+
+
+@router.get("/environments", response_model=EnvironmentList, tags=["tenants"],
+            responses={401: {"model": ErrorOut}})
+async def environments(
+    tenant: Annotated[Tenant, Depends(current_tenant)],
+    service: Annotated[ClusterService, Depends(get_provisioner)],
+) -> EnvironmentList:
+    """The Python environments this tenant's clusters may run (``environment`` in a create),
+    with their versions, so a client can see what differs from its own."""
+    directory = service.tenants
+    return EnvironmentList(
+        default=directory.versions.get("", {}),
+        environments=[EnvironmentOut(name=e.name, image=e.image,
+                                     versions=directory.versions.get(e.name, {}))
+                      for e in directory.environments_of(tenant.name)])
 
 
 SINCE_HELP = ("epoch seconds, ISO 8601 time (UTC unless it says) or a duration ago (7d, 24h); "

@@ -10,6 +10,7 @@ from api.urls import dashboard_url
 from clusters.runtime_env import check_env
 from provisioner.models import ClusterRecord
 from provisioner.sizes import MAX_SECONDS, parse_bytes, parse_seconds
+from provisioner.tenants import NAME_PATTERN
 
 MAX_WORKERS = 10_000
 MAX_CORES = 1024.0
@@ -45,6 +46,9 @@ class ClusterCreate(Strict):
                                                                    max_length=MAX_ENV)
     image: str | None = Field(default=None, min_length=1, max_length=512,
                               pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+    environment: str | None = Field(
+        default=None, pattern=NAME_PATTERN,
+        description="a Python environment the operator registered (GET /environments)")
 
     @field_validator("env")
     @classmethod
@@ -95,6 +99,7 @@ class ClusterOut(BaseModel):
     idle_timeout: float
     no_client_timeout: float
     image: str | None
+    environment: str | None
     tls: bool
     created_at: float
     started_at: float | None
@@ -117,12 +122,28 @@ class ClusterOut(BaseModel):
             adaptive=AdaptiveOut(minimum=r.adaptive_minimum or 0, maximum=r.adaptive_maximum)
             if r.adaptive_maximum is not None else None,
             idle_timeout=r.idle_timeout, no_client_timeout=r.no_client_timeout,
-            image=r.image, tls=bool(r.credentials),
+            image=r.image, environment=r.environment, tls=bool(r.credentials),
             created_at=r.created_at, started_at=r.started_at, stopped_at=r.stopped_at,
             stop_reason=r.outcome.summary() if r.outcome else None,
             outcome=OutcomeOut(reason=r.outcome.reason.value, detail=r.outcome.detail)
             if r.outcome else None,
         )
+
+
+class EnvironmentOut(BaseModel):
+    name: str
+    image: str | None
+    versions: dict[str, str] = Field(
+        description="python and the packages that matter, as the environment has them "
+                    "(empty when the service cannot read them: a path on Mesos agents only)")
+
+
+class EnvironmentList(BaseModel):
+    """What a tenant's clusters may run: the service's own environment (clusters that name
+    none) and the named ones this tenant may use."""
+
+    default: dict[str, str]
+    environments: list[EnvironmentOut]
 
 
 class ClusterList(BaseModel):

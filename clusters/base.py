@@ -39,6 +39,9 @@ class ClusterSpec:
     idle_timeout: float = 0
     no_client_timeout: float = 0
     lease: float = 0
+    #: The interpreter its processes run (a registered environment's ``bin/python``); None:
+    #: the service's own.
+    python: str | None = None
 
 
 #: A worker that ended itself for using more memory than its limit exits with this status.

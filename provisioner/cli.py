@@ -18,6 +18,7 @@ import typer
 if TYPE_CHECKING:
     from provisioner.settings import Settings
     from provisioner.store import Store
+    from provisioner.tenants import Environment, TenantDirectory
 
 SERVER_EXTRA = "install the 'server' extra: pip install '.[server]' in a clone of the repository"
 
@@ -79,11 +80,19 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     from clusters.base import Backend
     from provisioner.files import keep_secret
     from provisioner.service import ClusterService
-    from provisioner.tenants import TenantDirectory, hash_token, load_tenants, machine_tenant
+    from provisioner.tenants import (
+        TenantDirectory,
+        hash_token,
+        load_environments,
+        load_tenants,
+        machine_tenant,
+    )
 
     token = None
+    environments: list[Environment] = []
     if settings.tenants is not None:
         tenants = load_tenants(settings.tenants)
+        environments = load_environments(settings.tenants, tenants)
     else:
         token = keep_secret(settings.data_dir / DEFAULT_TOKEN_FILE, _new_token)
         tenants = [machine_tenant(hash_token(token))]
@@ -107,9 +116,29 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
         sandbox = {"auto": None, "on": True, "off": False}[settings.local_sandbox]
         backend = LocalBackend(settings.data_dir, host=settings.cluster_host, sandbox=sandbox,
                                hidden=settings.private_files(), uid_base=settings.local_uid_base)
+    directory = TenantDirectory(tenants, environments)
+    _read_versions(directory, local=settings.backend == "local")
     store = _open_store(settings)
     _check_backend_owns(store, backend.name)
-    return ClusterService(settings, TenantDirectory(tenants), store, backend), token
+    return ClusterService(settings, directory, store, backend), token
+
+
+def _read_versions(directory: TenantDirectory, local: bool) -> None:
+    """Each environment's versions, read once from its interpreter; on the local backend an
+    environment whose interpreter cannot run stops start-up (on Mesos it lives on the agents,
+    and its versions are known only where the same path exists here)."""
+    from provisioner.tenants import TenantsFileError
+    from provisioner.versions import installed_versions, versions_of
+
+    directory.versions[""] = installed_versions()  # the service's own: clusters with none
+    for env in directory.environments.values():
+        if env.python is None:
+            continue
+        try:
+            directory.versions[env.name] = versions_of(env.python)
+        except ValueError as exc:
+            if local:
+                raise TenantsFileError(f"environment {env.name!r}: {exc}") from None
 
 
 def _check_backend_owns(store: Store, backend: str) -> None:

@@ -204,6 +204,8 @@ def create(
     no_client_timeout: Annotated[Optional[str], typer.Option(help="stop after this long with no client")] = None,  # noqa: UP045
     env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for workers; repeatable")] = None,  # noqa: UP045
     image: Annotated[Optional[str], typer.Option(help="container image (Mesos backend)")] = None,  # noqa: UP045
+    environment: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="a Python environment the service offers (provisioner environments)")] = None,
     wait: Annotated[bool, typer.Option(help="show progress until the scheduler and workers are up")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait with --wait")] = 300.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the cluster id")] = False,
@@ -216,7 +218,7 @@ def create(
     options: dict[str, Any] = {"project": project, "workers": workers, "worker_cores": worker_cores,
                "worker_memory": worker_memory, "adaptive": adaptive, "idle_timeout": idle_timeout,
                "no_client_timeout": no_client_timeout, "env": parse_env(env or []) or None,
-               "image": image}
+               "image": image, "environment": environment}
     with service(url, token) as prov:
         info = prov.create_cluster(**options)
         if wait:
@@ -434,7 +436,26 @@ def usage(
             out.print(table)
 
 
+def environments(url: Url = None, token: Token = None, as_json: AsJson = False) -> None:
+    """The Python environments your clusters may run, and what differs from this client's."""
+    from provisioner.versions import differences, installed_versions
+
+    with service(url, token) as prov:
+        data = prov.environments()
+    if as_json:
+        _print_json(data)
+        return
+    here = installed_versions()
+    rows = [("(default)", data.get("default") or {}),
+            *((e["name"], e.get("versions") or {}) for e in data.get("environments", []))]
+    for name, versions in rows:
+        found = differences(here, versions) if versions else ["versions unknown here"]
+        typer.echo(f"{name}: python {versions.get('python', '?')}, dask {versions.get('dask', '?')}"
+                   f" ({'; '.join(found) if found else 'same as this client'})")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``clusters`` and ``usage`` to the ``provisioner`` command."""
+    """Add ``clusters``, ``environments`` and ``usage`` to the ``provisioner`` command."""
     app.add_typer(clusters_app, name="clusters")
     app.command("usage")(usage)
+    app.command("environments")(environments)

@@ -30,6 +30,8 @@ from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 from distributed.utils import LoopRunner, SyncMethodMixin
 
+from provisioner.versions import differences, installed_versions
+
 __all__ = [
     "AuthenticationError",
     "ClusterInfo",
@@ -78,6 +80,10 @@ class AuthenticationError(ProvisionerError):
 
 class QuotaExceeded(ProvisionerError):
     """The tenant's quota does not allow the request (HTTP 403)."""
+
+
+class VersionMismatch(UserWarning):
+    """The client's Python or key packages differ from the cluster's environment."""
 
 
 class ClusterNotFound(ProvisionerError):
@@ -326,6 +332,9 @@ class Provisioner(SyncMethodMixin):
         data = await self._request("GET", f"/clusters/{cluster_id}/dashboard-link", params=params)
         return DashboardLink.from_json(data)
 
+    async def _environments(self) -> dict[str, Any]:
+        return await self._request("GET", "/environments")
+
     async def _tenant(self) -> dict[str, Any]:
         return await self._request("GET", "/tenants/me")
 
@@ -380,6 +389,11 @@ class Provisioner(SyncMethodMixin):
         """
         return self._sync(self._new_cluster, {**(cluster_options or {}), **options},
                           shutdown_on_close, timeout)
+
+    def environments(self) -> Any:
+        """The Python environments this tenant's clusters may run, with their versions:
+        ``{"default": {...}, "environments": [{"name", "image", "versions"}]}``."""
+        return self._sync(self._environments)
 
     def cluster_options(self) -> Any:
         """The options a new cluster takes, filled with this tenant's defaults: change what
@@ -522,6 +536,27 @@ class ProvisionedCluster(Cluster):
         self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
         await super()._start()
         await self._fetch_dashboard_link()
+        await self._compare_versions()
+
+    async def _compare_versions(self) -> None:
+        """Say plainly, before any task fails, what differs between this client and the
+        cluster's environment (python, dask, distributed, cloudpickle, msgpack, ...)."""
+        name = self.info.raw.get("environment")
+        try:
+            known = await self.provisioner._environments()
+        except ProvisionerError as exc:  # an older service: nothing to compare with
+            logger.debug("no environments to compare with: %s", exc)
+            return
+        if name:
+            theirs = next((e.get("versions") or {} for e in known.get("environments", [])
+                           if e.get("name") == name), {})
+        else:
+            theirs = known.get("default") or {}
+        found = differences(installed_versions(), theirs) if theirs else []
+        if found:
+            where = f"environment {name!r}" if name else "the service's environment"
+            warnings.warn(f"cluster {self.info.id} runs {where}, which differs from this client: "
+                          + "; ".join(found), VersionMismatch, stacklevel=2)
 
     async def _fetch_dashboard_link(self) -> None:
         """Best effort: without a link, ``dashboard_link`` shows the proxy's plain URL."""

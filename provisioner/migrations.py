@@ -44,8 +44,14 @@ def _wanted_column(conn: Connection) -> None:
     conn.exec_driver_sql("ALTER TABLE clusters DROP COLUMN stop_requested")
 
 
+def _environment_column(conn: Connection) -> None:
+    """4: a cluster may run in a named Python environment."""
+    conn.exec_driver_sql("ALTER TABLE clusters ADD COLUMN environment VARCHAR(64)")
+
+
 #: ``STEPS[i]`` takes a database from version ``i + 1`` to ``i + 2``, inside one transaction.
-STEPS: list[Callable[[Connection], None]] = [_outcome_columns, _wanted_column]
+STEPS: list[Callable[[Connection], None]] = [_outcome_columns, _wanted_column,
+                                             _environment_column]
 
 LATEST = 1 + len(STEPS)
 

@@ -79,6 +79,8 @@ class ClusterRecord:
     adaptive_maximum: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     image: str | None = None
+    #: The named Python environment its processes run (None: the service's own).
+    environment: str | None = None
     scheduler_address: str | None = None
     dashboard_url: str | None = None
     workers_running: int = 0

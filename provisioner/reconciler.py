@@ -44,6 +44,7 @@ WORKER_LOSS_LIMIT = (8, 60.0)
 
 def spec_for(record: ClusterRecord, tenants: TenantDirectory, lease: float = 0) -> ClusterSpec:
     tenant = tenants.get(record.tenant)
+    environment = tenants.environments.get(record.environment) if record.environment else None
     return ClusterSpec(
         cluster_id=record.id,
         tenant=record.tenant,
@@ -53,7 +54,8 @@ def spec_for(record: ClusterRecord, tenants: TenantDirectory, lease: float = 0) 
         scheduler_cores=record.scheduler_cores,
         scheduler_memory=record.scheduler_memory,
         env={**(tenant.env if tenant else {}), **record.env},
-        image=record.image,
+        image=(environment.image if environment else None) or record.image,
+        python=environment.python if environment else None,
         credentials=process_credentials(record.credentials),
         idle_timeout=record.idle_timeout,
         no_client_timeout=record.no_client_timeout,

@@ -64,6 +64,7 @@ class ClusterRequest:
     no_client_timeout: float | None = None
     env: dict[str, str] = field(default_factory=dict)
     image: str | None = None
+    environment: str | None = None
 
 
 def _bounded(name: str, value: float | None, default: float, limit: float) -> float:
@@ -162,6 +163,11 @@ class ClusterService:
 
     async def create(self, tenant: Tenant, request: ClusterRequest) -> ClusterRecord:
         d = tenant.defaults
+        if request.environment is not None and \
+                self.tenants.environment(tenant.name, request.environment) is None:
+            names = sorted(e.name for e in self.tenants.environments_of(tenant.name))
+            raise InvalidRequest("environment", f"no environment {request.environment!r} for this "
+                                 f"tenant; there are: {', '.join(names) or 'none'}")
         if request.adaptive_maximum is not None:
             size = adaptive_size(tenant, request.adaptive_minimum, request.adaptive_maximum,
                                  field="adaptive.minimum")
@@ -188,6 +194,7 @@ class ClusterService:
             adaptive_maximum=size.adaptive_maximum,
             env=dict(request.env),
             image=request.image,
+            environment=request.environment,
             credentials=credentials,
         )
         record = await self.records.admit(record, tenant.quota)

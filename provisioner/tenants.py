@@ -110,6 +110,32 @@ class Tenant(BaseModel):
         return self.mesos_role or self.name
 
 
+class Environment(BaseModel):
+    """A named Python environment clusters may run in, registered by the operator: a venv or
+    conda prefix whose ``bin/python`` runs the cluster's processes (on this machine, or at the
+    same path on Mesos agents), and/or an image Mesos tasks run in. ``tenants`` names who may
+    use it (every tenant when left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    prefix: str | None = Field(default=None, pattern=r"^/[^\x00-\x1f\x7f]*$", max_length=512)
+    image: str | None = Field(default=None, pattern=r"^[^\s\x00-\x1f\x7f]+$", max_length=512)
+    tenants: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> Environment:
+        if self.prefix is None and self.image is None:
+            raise ValueError("give a prefix (a venv or conda folder), an image, or both")
+        return self
+
+    @property
+    def python(self) -> str | None:
+        return f"{self.prefix.rstrip('/')}/bin/python" if self.prefix else None
+
+    def allows(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -123,9 +149,21 @@ def new_token() -> tuple[str, str]:
 class TenantDirectory:
     """Looks tenants up by token in constant time per stored hash."""
 
-    def __init__(self, tenants: list[Tenant]) -> None:
+    def __init__(self, tenants: list[Tenant], environments: list[Environment] | None = None,
+                 ) -> None:
         self._tenants = {t.name: t for t in tenants}
         self._by_hash = {digest: t for t in tenants for digest in t.token_sha256}
+        self.environments = {e.name: e for e in environments or []}
+        #: Each environment's versions (python and key packages), read at start.
+        self.versions: dict[str, dict[str, str]] = {}
+
+    def environments_of(self, tenant: str) -> list[Environment]:
+        return [e for e in self.environments.values() if e.allows(tenant)]
+
+    def environment(self, tenant: str, name: str) -> Environment | None:
+        """The environment ``name`` if this tenant may use it."""
+        found = self.environments.get(name)
+        return found if found is not None and found.allows(tenant) else None
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._tenants.values())
@@ -152,9 +190,7 @@ def _describe(error: ValidationError, index: int, raw: Any) -> str:
     return f"{who}: " + "; ".join(parts)
 
 
-def load_tenants(path: str | Path) -> list[Tenant]:
-    """Parse and validate a tenants file; raise TenantsFileError naming tenant and field."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -163,6 +199,45 @@ def load_tenants(path: str | Path) -> list[Tenant]:
         raise TenantsFileError(f"tenants file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
         raise TenantsFileError(f"tenants file {path} must have a top-level list 'tenants'")
+    return data
+
+
+def load_environments(path: str | Path, tenants: list[Tenant]) -> list[Environment]:
+    """The file's ``environments`` list (none when it has no such key), validated: unique
+    names, only tenants the file defines."""
+    path = Path(path)
+    raw = _read(path).get("environments") or []
+    if not isinstance(raw, list):
+        raise TenantsFileError(f"tenants file {path}: 'environments' must be a list")
+    found: list[Environment] = []
+    errors: list[str] = []
+    known = {t.name for t in tenants}
+    for index, entry in enumerate(raw):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        who = f"environment {name!r}" if name else f"environment #{index + 1}"
+        try:
+            env = Environment.model_validate(entry)
+        except ValidationError as exc:
+            errors.append(who + ": " + "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(entry)'}: {e['msg']}"
+                for e in exc.errors()))
+            continue
+        unknown = sorted(set(env.tenants or []) - known)
+        if unknown:
+            errors.append(f"{who}: tenants: no tenant {', '.join(map(repr, unknown))}")
+        found.append(env)
+    names = [e.name for e in found]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"environment {name!r}: name appears more than once")
+    if errors:
+        raise TenantsFileError(f"tenants file {path}: " + " | ".join(errors))
+    return found
+
+
+def load_tenants(path: str | Path) -> list[Tenant]:
+    """Parse and validate a tenants file; raise TenantsFileError naming tenant and field."""
+    path = Path(path)
+    data = _read(path)
     tenants: list[Tenant] = []
     errors: list[str] = []
     for index, raw in enumerate(data["tenants"]):

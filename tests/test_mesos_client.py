@@ -143,6 +143,11 @@ def test_task_info_is_a_command_task_with_options_in_the_environment() -> None:
     assert info["kill_policy"] == {"grace_period": {"nanoseconds": 3_000_000_000}}
     assert info["container"] == {"type": "MESOS", "mesos": {"image": {
         "type": "DOCKER", "docker": {"name": "ghcr.io/acme/dask:1"}}}}
+    # A cluster in a registered environment runs that interpreter, at its path on the agent.
+    req.python = "/opt/envs/ml kit/bin/python"
+    info = task_info(req, "agent-1", "host-1", resources, [31007], TaskSettings())
+    assert info["command"]["value"] == \
+        f"exec '/opt/envs/ml kit/bin/python' -m clusters.runner worker env:{OPTIONS_VAR}"
 
 
 def test_units() -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from provisioner.models import ClusterRecord, Status, StopReason
 from provisioner.quota import OverQuota, Usage, check_fits, workers_that_fit
@@ -201,3 +204,47 @@ def test_every_serve_option_is_a_setting_its_variable_sets(monkeypatch: pytest.M
     settings = Settings()
     for name in options:
         assert getattr(settings, name) != Settings.model_fields[name].default, name
+
+
+def test_environments_in_the_tenants_file_are_checked(tmp_path: Path) -> None:
+    from provisioner.tenants import load_environments
+
+    def write(environments: object) -> Path:
+        path = tmp_path / "tenants.yaml"
+        path.write_text(yaml.safe_dump({"tenants": [{"name": "acme", "token_sha256": "a" * 64,
+                                                     "quota": {"cores": 4, "memory": "8GiB"}}],
+                                        "environments": environments}))
+        return path
+
+    tenants = load_tenants(write([]))
+    (ml, img) = load_environments(write([{"name": "ml", "prefix": "/opt/envs/ml/"},
+                                         {"name": "img", "image": "reg/ml:1", "tenants": ["acme"]}]),
+                                  tenants)
+    assert ml.python == "/opt/envs/ml/bin/python" and ml.allows("anyone")
+    assert img.python is None and img.allows("acme") and not img.allows("other")
+    for bad, says in [([{"name": "ml"}], "give a prefix"),
+                      ([{"name": "ml", "prefix": "relative/env"}], "environment 'ml': prefix"),
+                      ([{"name": "ml", "prefix": "/e", "tenants": ["nobody"]}], "no tenant 'nobody'"),
+                      ([{"name": "ml", "prefix": "/a"}, {"name": "ml", "prefix": "/b"}],
+                       "appears more than once"),
+                      ([{"name": "ML!", "prefix": "/e"}], "name"),
+                      ({"ml": "/e"}, "'environments' must be a list")]:
+        with pytest.raises(TenantsFileError, match=re.escape(says)):
+            load_environments(write(bad), tenants)
+    directory = TenantDirectory(tenants, [ml, img])
+    assert [e.name for e in directory.environments_of("acme")] == ["ml", "img"]
+    assert directory.environment("other", "img") is None and directory.environment("other", "ml")
+
+
+def test_version_differences_are_said_plainly() -> None:
+    from provisioner.versions import differences, installed_versions, versions_of
+
+    here = installed_versions()
+    assert here["python"] and here["dask"] and differences(here, versions_of(sys.executable)) == []
+    assert differences({"python": "3.11.7", "dask": "2024.8.0"},
+                       {"python": "3.11.2", "dask": "2024.1.1", "lz4": "4.3"}) == [
+        "dask 2024.8.0 here, 2024.1.1 on the cluster", "lz4 missing here, 4.3 on the cluster"]
+    assert differences({"python": "3.12.1"}, {"python": "3.11.9"}) == [
+        "python 3.12.1 here, 3.11.9 on the cluster"]
+    with pytest.raises(ValueError, match="could not be run"):
+        versions_of("/nonexistent/bin/python")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from clusters.base import (
     StopReason,
 )
 from clusters.local.confinement import Confinement
-from clusters.local.forkserver import default_launcher
+from clusters.local.forkserver import ForkServerLauncher, default_launcher
 from clusters.local.procs import (
     OWNER_VAR,
     ProcessRef,
@@ -45,6 +47,7 @@ from clusters.local.procs import (
     terminate,
     wait_exit,
 )
+from clusters.local.spawn import ProcessLauncher
 from clusters.runner import scheduler_options, worker_options
 
 logger = logging.getLogger("provisioner.local")
@@ -97,6 +100,8 @@ class LocalBackend(Backend):
         self.confinement = Confinement(self.data_dir, self.owner, sandbox,
                                        [Path(p).resolve() for p in hidden], uid_base)
         self.launcher: Launcher = launcher or default_launcher(self.owner, self.data_dir / "forkserver")
+        #: One launcher per environment's interpreter (a fork server each, when ours is one).
+        self._launchers: dict[str, Launcher] = {}
         self._clusters: dict[str, _Cluster] = {}
         self._events: BackendEvents | None = None
 
@@ -110,6 +115,21 @@ class LocalBackend(Backend):
         if spec is not None:
             cluster.spec = spec
         return cluster
+
+    def _launcher(self, spec: ClusterSpec) -> Launcher:
+        """The launcher of the cluster's interpreter: ours, or its environment's."""
+        if spec.python is None:
+            return self.launcher
+        found = self._launchers.get(spec.python)
+        if found is None:
+            runtime = {"PYTHONPATH": str(runner_path())}
+            if isinstance(self.launcher, ForkServerLauncher):
+                home = self.data_dir / "forkserver" / hashlib.sha256(spec.python.encode()).hexdigest()[:12]
+                found = ForkServerLauncher(self.owner, home, python=spec.python, runtime_env=runtime)
+            else:
+                found = ProcessLauncher(python=spec.python, runtime_env=runtime)
+            self._launchers[spec.python] = found
+        return found
 
     def environment(self, spec: ClusterSpec, worker: bool) -> dict[str, str]:
         """What a cluster process starts with: a few host basics and our marker. The tenant's
@@ -189,7 +209,7 @@ class LocalBackend(Backend):
             for task in list(cluster.watchers):
                 task.cancel()
         self._events = None
-        await self.launcher.close()
+        await asyncio.gather(self.launcher.close(), *(x.close() for x in self._launchers.values()))
 
     def _prepare(self, cluster: _Cluster, tenant: str) -> None:
         """Make the cluster's folders (blocking; run in a thread)."""
@@ -208,7 +228,7 @@ class LocalBackend(Backend):
             spec, self.confinement.home(cluster.directory), port=0,
             **await self._options(spec, cluster, "scheduler", spec.scheduler_memory,
                                   spec.scheduler_cores))
-        ref, info = await self.launcher.launch(
+        ref, info = await self._launcher(spec).launch(
             "scheduler", options, self.environment(spec, worker=False),
             cluster.logs / "scheduler.log",
         )
@@ -231,7 +251,7 @@ class LocalBackend(Backend):
             options = worker_options(
                 spec, address, name, self.worker_death_timeout,
                 **await self._options(spec, cluster, name, spec.worker_memory, spec.worker_cores))
-            ref, _ = await self.launcher.launch(
+            ref, _ = await self._launcher(spec).launch(
                 "worker", options, env, cluster.logs / f"{name}.log", wait_ready=False
             )
             cluster.workers[name] = ref
@@ -366,6 +386,29 @@ class LocalBackend(Backend):
         if self.confinement.tree is not None:
             return []
         return [r for r in owned_processes(self.owner) if r.pid not in known]
+
+
+@functools.cache
+def runner_path() -> Path:
+    """A folder holding this package's ``clusters`` and nothing else, for another
+    environment's interpreter to find the runner on (its own dask, distributed and the rest
+    stay its own: the service's site-packages is not put on its path). Made once, in this
+    Python's prefix, which cluster processes may read."""
+    import clusters
+
+    folder = Path(sys.prefix) / "share" / "dask-provisioner" / "runner"
+    link = folder / "clusters"
+    target = Path(clusters.__file__).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink() or link.resolve() != target:
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(target, target_is_directory=True)
+    except OSError as exc:
+        raise LaunchError(f"cannot make the runner's folder for environments ({folder}): "
+                          f"{exc.strerror}") from None
+    return folder
 
 
 def read_word(folder: Path, name: str, allowed: set[str], limit: int = 32) -> str | None:

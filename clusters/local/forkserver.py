@@ -126,8 +126,8 @@ class ForkServerLauncher(ProcessLauncher):
 
     def __init__(self, owner: str, home: Path, python: str = sys.executable,
                  ready_timeout: float = 120.0, start_timeout: float = 60.0,
-                 starting: int | None = None) -> None:
-        super().__init__(python=python, ready_timeout=ready_timeout)
+                 starting: int | None = None, runtime_env: dict[str, str] | None = None) -> None:
+        super().__init__(python=python, ready_timeout=ready_timeout, runtime_env=runtime_env)
         self.owner = owner
         self.home = Path(home)
         self.start_timeout = start_timeout
@@ -141,6 +141,7 @@ class ForkServerLauncher(ProcessLauncher):
 
     def zygote_environment(self) -> dict[str, str]:
         env = host_basics()
+        env.update(self.runtime_env)
         env["HOME"] = str(self.home)
         env[OWNER_VAR] = f"{self.owner}:forkserver"
         return env

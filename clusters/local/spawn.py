@@ -94,9 +94,13 @@ async def _read_line(fd: int, limit: int = MAX_REPORT) -> bytes:
 class ProcessLauncher:
     """Launches ``python -m clusters.runner`` with posix_spawn (no fork of the service)."""
 
-    def __init__(self, python: str = sys.executable, ready_timeout: float = 120.0) -> None:
+    def __init__(self, python: str = sys.executable, ready_timeout: float = 120.0,
+                 runtime_env: dict[str, str] | None = None) -> None:
+        """``runtime_env``: variables of ours every process of this interpreter needs (where
+        another environment's interpreter finds the runner)."""
         self.python = python
         self.ready_timeout = ready_timeout
+        self.runtime_env = dict(runtime_env or {})
 
     async def close(self) -> None:
         return None
@@ -105,7 +109,7 @@ class ProcessLauncher:
                write_fd: int) -> int:
         # Options travel in the environment (the runner takes them out of it), not in argv,
         # which every user of the machine can read: they hold the cluster's TLS key.
-        env = {**env, OPTIONS_VAR: json.dumps(options)}
+        env = {**env, **self.runtime_env, OPTIONS_VAR: json.dumps(options)}
         argv = [self.python, "-m", "clusters.runner", role, f"env:{OPTIONS_VAR}", str(READY_FD)]
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),

@@ -463,7 +463,7 @@ class MesosBackend(Framework, Backend):
             task_id=task_id, cluster_id=spec.cluster_id, tenant=spec.tenant, kind="scheduler",
             role=spec.role, cpus=mesos_cpus(spec.scheduler_cores),
             mem=mesos_mem(spec.scheduler_memory), options=scheduler_options(spec),
-            env=dict(spec.env), image=spec.image, ports=2,  # Dask's port and the HTTP server's
+            env=dict(spec.env), image=spec.image, python=spec.python, ports=2,  # Dask's port and the HTTP server's
         ))
         await self._save(spec.cluster_id)
         try:
@@ -502,7 +502,7 @@ class MesosBackend(Framework, Backend):
                 role=spec.role, cpus=mesos_cpus(spec.worker_cores),
                 mem=mesos_mem(spec.worker_memory),
                 options=worker_options(spec, address, name, self.task_settings.death_timeout),
-                env=dict(spec.env), image=spec.image,
+                env=dict(spec.env), image=spec.image, python=spec.python,
             ))
         self._spawn(self._sync_offers())  # once for the whole batch
         await self._save(spec.cluster_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +34,8 @@ class TaskRequest:
     env: dict[str, str] = field(default_factory=dict)
     image: str | None = None
     ports: int = 1
+    #: The interpreter on the agent (a registered environment's); None: the backend's command.
+    python: str | None = None
 
     def fits(self, cpus: float, mem: float, ports: int) -> bool:
         return self.cpus <= cpus + 1e-9 and self.mem <= mem + 1e-9 and self.ports <= ports
@@ -57,6 +60,13 @@ class TaskSettings:
     death_timeout: float = 60.0
 
 
+def command_of(request: TaskRequest, settings: TaskSettings) -> str:
+    """What starts the runner: the environment's interpreter when the cluster names one."""
+    if request.python:
+        return f"{shlex.quote(request.python)} -m clusters.runner"
+    return settings.command
+
+
 def task_info(request: TaskRequest, agent_id: str, hostname: str,
               resources: list[dict[str, Any]], ports: list[int],
               settings: TaskSettings) -> dict[str, Any]:
@@ -78,7 +88,7 @@ def task_info(request: TaskRequest, agent_id: str, hostname: str,
         "resources": resources,
         "command": {
             "shell": True,
-            "value": f"exec {settings.command} {request.kind} env:{OPTIONS_VAR}",
+            "value": f"exec {command_of(request, settings)} {request.kind} env:{OPTIONS_VAR}",
             "environment": {"variables": [{"name": k, "value": v} for k, v in env.items()]},
         },
         "kill_policy": {"grace_period": {"nanoseconds": int(settings.kill_grace * 1e9)}},

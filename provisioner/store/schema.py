@@ -30,6 +30,7 @@ clusters_table = sa.Table(
     sa.Column("adaptive_maximum", sa.Integer),
     sa.Column("env", sa.JSON, nullable=False),
     sa.Column("image", sa.String(512)),
+    sa.Column("environment", sa.String(64)),
     sa.Column("scheduler_address", sa.String(256)),
     sa.Column("dashboard_url", sa.String(256)),
     sa.Column("wanted", sa.String(16), nullable=False, server_default="running"),
