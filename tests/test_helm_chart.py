@@ -1186,3 +1186,24 @@ def test_the_chart_runs_the_image_the_dockerfile_builds(renderer, defaults):
     assert json.loads(final["ENTRYPOINT"]) == c["command"][:1]
     assert final["EXPOSE"] == str(defaults["server"]["port"])
     assert defaults["server"]["dataDir"] in json.loads(final["CMD"])
+
+
+def test_environments_reach_the_tenants_file_the_service_reads(renderer, schema, tmp_path):
+    from provisioner import tenants
+
+    example = load_example("local-sqlite.yaml")
+    example["tenants"]["environments"] = [
+        {"name": "ml", "prefix": "/opt/envs/ml", "tenants": ["acme"]},
+        {"name": "gpu", "image": "registry/dask-gpu:1"}]
+    merged = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text()))
+    merged["tenants"].update(example["tenants"])
+    assert validation_errors(schema, merged) == []
+    secret = one(renderer.manifests(example), "Secret")
+    path = tmp_path / "tenants.yaml"
+    path.write_text(secret["stringData"]["tenants.yaml"])
+    loaded = tenants.load_environments(path, tenants.load_tenants(path))
+    assert [(e.name, e.python, e.image) for e in loaded] == [
+        ("ml", "/opt/envs/ml/bin/python", None), ("gpu", None, "registry/dask-gpu:1")]
+    # Neither a prefix nor an image: refused by the schema, as the service would.
+    merged["tenants"]["environments"] = [{"name": "empty"}]
+    assert validation_errors(schema, merged)
