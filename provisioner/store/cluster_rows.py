@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from provisioner.models import LIVE, ClusterRecord, Status, StopReason, Wanted
 from provisioner.secrets import WrongKey
@@ -83,9 +84,13 @@ class ClusterRows(UsageBooks):
 
     def _get(self, cluster_id: str) -> ClusterRecord:
         with self._tx() as conn:
-            row = conn.execute(
-                sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
-            ).first()
+            return self._read(conn, cluster_id)
+
+    def _read(self, conn: Connection, cluster_id: str) -> ClusterRecord:
+        """The cluster's record as this transaction sees it; NotFound if there is none."""
+        row = conn.execute(
+            sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
+        ).first()
         if row is None:
             raise NotFound(cluster_id)
         return self._row_to_record(row)
@@ -141,12 +146,7 @@ class ClusterRows(UsageBooks):
 
     def _update(self, cluster_id: str, changes: dict[str, Any]) -> ClusterRecord:
         with self._tx(write=True) as conn:
-            row = conn.execute(
-                sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
-            ).first()
-            if row is None:
-                raise NotFound(cluster_id)
-            before = self._row_to_record(row)
+            before = self._read(conn, cluster_id)
             updated = before.evolve(**changes)
             values = self._record_to_row(updated, {*changes, "stopped_at"})
             conn.execute(

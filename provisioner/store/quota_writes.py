@@ -72,12 +72,7 @@ class QuotaWrites(ClusterRows):
         if tenant is None:
             raise NotFound(cluster_id)
         with self._tx(lock_tenant=tenant) as conn:
-            row = conn.execute(
-                sa.select(clusters_table).where(clusters_table.c.id == cluster_id)
-            ).first()
-            if row is None:
-                raise NotFound(cluster_id)
-            record = self._row_to_record(row)
+            record = self._read(conn, cluster_id)
             if record.status.terminal or record.stop_wanted:
                 return record
             usage = self._usage_of(conn, tenant)  # this cluster is live: it is counted
