@@ -11,6 +11,7 @@ which should not need the service's own dependencies.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -552,7 +553,7 @@ class ProvisionedCluster(Cluster):
                            if e.get("name") == name), {})
         else:
             theirs = known.get("default") or {}
-        found = differences(installed_versions(), theirs) if theirs else []
+        found = differences(await asyncio.to_thread(installed_versions), theirs) if theirs else []
         if found:
             where = f"environment {name!r}" if name else "the service's environment"
             warnings.warn(f"cluster {self.info.id} runs {where}, which differs from this client: "

@@ -6,6 +6,7 @@ compared in plain words before any task fails. No server dependencies: the SDK i
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import subprocess
@@ -39,8 +40,10 @@ SCRIPT = (textwrap.dedent(inspect.getsource(_collect)).replace(" -> dict[str, st
 MAX_ANSWER = 16 * 1024
 
 
+@functools.cache
 def installed_versions() -> dict[str, str]:
-    """This process's versions."""
+    """This process's versions (read once: they do not change while it runs, and reading
+    package metadata walks the disk)."""
     return _collect(KEY_PACKAGES)
 
 

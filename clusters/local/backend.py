@@ -116,13 +116,13 @@ class LocalBackend(Backend):
             cluster.spec = spec
         return cluster
 
-    def _launcher(self, spec: ClusterSpec) -> Launcher:
+    async def _launcher(self, spec: ClusterSpec) -> Launcher:
         """The launcher of the cluster's interpreter: ours, or its environment's."""
         if spec.python is None:
             return self.launcher
         found = self._launchers.get(spec.python)
         if found is None:
-            runtime = {"PYTHONPATH": str(runner_path())}
+            runtime = {"PYTHONPATH": str(await asyncio.to_thread(runner_path))}
             if isinstance(self.launcher, ForkServerLauncher):
                 home = self.data_dir / "forkserver" / hashlib.sha256(spec.python.encode()).hexdigest()[:12]
                 found = ForkServerLauncher(self.owner, home, python=spec.python, runtime_env=runtime)
@@ -228,7 +228,7 @@ class LocalBackend(Backend):
             spec, self.confinement.home(cluster.directory), port=0,
             **await self._options(spec, cluster, "scheduler", spec.scheduler_memory,
                                   spec.scheduler_cores))
-        ref, info = await self._launcher(spec).launch(
+        ref, info = await (await self._launcher(spec)).launch(
             "scheduler", options, self.environment(spec, worker=False),
             cluster.logs / "scheduler.log",
         )
@@ -246,12 +246,13 @@ class LocalBackend(Backend):
         cluster = self._cluster(spec.cluster_id, spec)
         await asyncio.to_thread(self._prepare, cluster, spec.tenant)
         env = self.environment(spec, worker=True)
+        launcher = await self._launcher(spec)
 
         async def one(name: str) -> None:
             options = worker_options(
                 spec, address, name, self.worker_death_timeout,
                 **await self._options(spec, cluster, name, spec.worker_memory, spec.worker_cores))
-            ref, _ = await self._launcher(spec).launch(
+            ref, _ = await launcher.launch(
                 "worker", options, env, cluster.logs / f"{name}.log", wait_ready=False
             )
             cluster.workers[name] = ref
