@@ -309,7 +309,8 @@ class ClusterRunner:
             agreed = await self.link.workers_to_close(count - free, idle_only=True)
         except Exception:
             return min(free, count)  # ask Dask again next round
-        return free + len(set(agreed) & live & connected)
+        # Never more than asked, whatever the scheduler (tenant code) answers.
+        return min(count, free + len(set(agreed) & live & connected))
 
     async def _reconcile_workers(self, record: ClusterRecord) -> None:
         if record.status != Status.RUNNING or not record.scheduler_address:

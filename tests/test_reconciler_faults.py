@@ -290,3 +290,27 @@ async def test_the_first_reason_to_end_stands_when_a_shutdown_comes_meanwhile(ma
     # The service's shutdown ends it (as Reconciler.shutdown does once its stop went through).
     ended = await service.records.end(record.id, Outcome(StopReason.SHUTDOWN))
     assert (ended.status, ended.outcome) == (Status.STOPPED, Outcome(StopReason.USER))
+
+
+async def test_a_scheduler_offering_more_workers_than_asked_takes_no_more(make: Any) -> None:
+    """workers-to-close is answered by tenant code: an answer naming every worker when one
+    was asked for shrinks the cluster by one, never below what Dask's target asked."""
+    from types import SimpleNamespace
+
+    from provisioner.reconciler import ClusterRunner
+    from provisioner.watch import Report
+
+    names = {f"c-1-w{i}" for i in range(5)}
+
+    class Lying:
+        async def workers_to_close(self, n: int, idle_only: bool = False) -> list[str]:
+            return sorted(names)  # all of them, whatever n was
+
+    runner = ClusterRunner.__new__(ClusterRunner)
+    runner.id = "c-1"
+    runner.rec = SimpleNamespace(backend=SimpleNamespace(live_workers=lambda _: set(names)))
+    runner.report = Report(version=1, workers=sorted(names), clients=1, busy=False,
+                           idle_for=None, no_client_for=None, adaptive_target=4)
+    runner.link = Lying()  # type: ignore[assignment]
+    record = SimpleNamespace(workers_requested=5)
+    assert await runner._closable(record, 1) == 1  # type: ignore[arg-type]
