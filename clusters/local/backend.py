@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from clusters.local.procs import (
 )
 from clusters.local.spawn import ProcessLauncher
 from clusters.runner import scheduler_options, worker_options
+from clusters.tenant_files import read_word, remove_entry
 
 logger = logging.getLogger("provisioner.local")
 
@@ -223,7 +223,7 @@ class LocalBackend(Backend):
             await terminate(cluster.scheduler, grace=1)
         await self.confinement.end_async(spec.cluster_id, "scheduler")
         await asyncio.to_thread(self._prepare, cluster, spec.tenant)
-        await asyncio.to_thread(_remove_entry, cluster.directory, REAPED_FILE)
+        await asyncio.to_thread(remove_entry, cluster.directory, REAPED_FILE)
         options = scheduler_options(
             spec, self.confinement.home(cluster.directory), port=0,
             **await self._options(spec, cluster, "scheduler", spec.scheduler_memory,
@@ -410,44 +410,6 @@ def runner_path() -> Path:
         raise LaunchError(f"cannot make the runner's folder for environments ({folder}): "
                           f"{exc.strerror}") from None
     return folder
-
-
-def read_word(folder: Path, name: str, allowed: set[str], limit: int = 32) -> str | None:
-    """One of ``allowed`` read from ``folder/name``, a folder a tenant's processes may write
-    (blocking). A link, a FIFO, a device or a file of anything but a known word is ignored:
-    never followed, never read past ``limit`` bytes, never waited on."""
-    try:
-        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=folder_fd)
-    except OSError:
-        return None
-    finally:
-        os.close(folder_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        word = os.read(fd, limit).strip().decode("ascii", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return word if word in allowed else None
-
-
-def _remove_entry(folder: Path, name: str) -> None:
-    """Remove ``folder/name`` whatever it is (a link is removed, not followed); blocking."""
-    with contextlib.suppress(OSError):
-        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(name, dir_fd=folder_fd)
-        finally:
-            os.close(folder_fd)
 
 
 def owner_key(data_dir: Path) -> str:
