@@ -18,7 +18,7 @@ from api.schemas import (
     ScaleRequest,
 )
 from api.urls import public_base
-from provisioner.models import CLUSTER_ID_PATTERN, Status
+from provisioner.models import CLUSTER_ID_PATTERN, ClusterRecord, Status
 from provisioner.service import ClusterRequest, ClusterService, Conflict
 from provisioner.tenants import Tenant
 from provisioner.tls import client_credentials
@@ -33,6 +33,10 @@ TenantDep = Annotated[Tenant, Depends(current_tenant)]
 ServiceDep = Annotated[ClusterService, Depends(get_provisioner)]
 #: The service's public base URL: cluster JSON links the dashboard through the service.
 BaseDep = Annotated[str, Depends(public_base)]
+def _out(service: ClusterService, record: ClusterRecord, base: str) -> ClusterOut:
+    return ClusterOut.of(record, base, waiting=service.waiting(record))
+
+
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait until running")]
 
 
@@ -59,7 +63,7 @@ async def create_cluster(
     record = await service.create(tenant, request)
     if wait:
         record = await service.wait(tenant, record.id, wait)
-    return ClusterOut.of(record, base)
+    return _out(service, record, base)
 
 
 @router.get("", response_model=ClusterList)
@@ -75,7 +79,7 @@ async def list_clusters(
                                        description="`next` of the last page")] = None,
 ) -> ClusterList:
     records, next_id = await service.page(tenant, status, project, limit, after, live=live)
-    return ClusterList(clusters=[ClusterOut.of(r, base) for r in records], next=next_id)
+    return ClusterList(clusters=[_out(service, r, base) for r in records], next=next_id)
 
 
 @router.get("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})
@@ -83,8 +87,8 @@ async def get_cluster(
     cluster_id: str, tenant: TenantDep, service: ServiceDep, base: BaseDep, wait: Wait = 0
 ) -> ClusterOut:
     if wait:
-        return ClusterOut.of(await service.wait(tenant, cluster_id, wait), base)
-    return ClusterOut.of(await service.get(tenant, cluster_id), base)
+        return _out(service, await service.wait(tenant, cluster_id, wait), base)
+    return _out(service, await service.get(tenant, cluster_id), base)
 
 
 @router.post("/{cluster_id}/scale", response_model=ClusterOut,
@@ -93,7 +97,7 @@ async def get_cluster(
 async def scale_cluster(
     cluster_id: str, body: ScaleRequest, tenant: TenantDep, service: ServiceDep, base: BaseDep
 ) -> ClusterOut:
-    return ClusterOut.of(await service.scale(tenant, cluster_id, body.workers), base)
+    return _out(service, await service.scale(tenant, cluster_id, body.workers), base)
 
 
 @router.post("/{cluster_id}/adapt", response_model=ClusterOut,
@@ -102,14 +106,14 @@ async def scale_cluster(
 async def adapt_cluster(
     cluster_id: str, body: AdaptRequest, tenant: TenantDep, service: ServiceDep, base: BaseDep
 ) -> ClusterOut:
-    return ClusterOut.of(await service.adapt(tenant, cluster_id, body.minimum, body.maximum), base)
+    return _out(service, await service.adapt(tenant, cluster_id, body.minimum, body.maximum), base)
 
 
 @router.delete("/{cluster_id}", response_model=ClusterOut, responses={404: {"model": ErrorOut}})
 async def delete_cluster(
     cluster_id: str, tenant: TenantDep, service: ServiceDep, base: BaseDep
 ) -> ClusterOut:
-    return ClusterOut.of(await service.delete(tenant, cluster_id), base)
+    return _out(service, await service.delete(tenant, cluster_id), base)
 
 
 @router.get("/{cluster_id}/credentials", response_model=Credentials,

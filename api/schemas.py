@@ -107,9 +107,12 @@ class ClusterOut(BaseModel):
     stop_reason: str | None = Field(
         description="the outcome in one line: 'idle', 'failed: scheduler exited with status 1'")
     outcome: OutcomeOut | None
+    waiting: str | None = Field(
+        None, description="why some of its processes wait to run: a batch queue's reason "
+                          "(Slurm's pending reason), while they wait")
 
     @classmethod
-    def of(cls, r: ClusterRecord, base: str) -> ClusterOut:
+    def of(cls, r: ClusterRecord, base: str, waiting: str | None = None) -> ClusterOut:
         """The cluster as a tenant sees it; ``base`` is the service's public URL. The record's
         own dashboard URL is the scheduler's (an upstream of the proxy), never shown."""
         dashboard = dashboard_url(base, r.id) if r.dashboard_url and not r.status.terminal else None
@@ -127,6 +130,7 @@ class ClusterOut(BaseModel):
             stop_reason=r.outcome.summary() if r.outcome else None,
             outcome=OutcomeOut(reason=r.outcome.reason.value, detail=r.outcome.detail)
             if r.outcome else None,
+            waiting=waiting,
         )
 
 

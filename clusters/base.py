@@ -19,6 +19,16 @@ class LaunchError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchPlacement:
+    """Where a batch system (Slurm) runs a tenant's jobs, and as which Unix user."""
+
+    user: str
+    account: str
+    partition: str | None = None
+    qos: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """What to run for one cluster, in plain terms."""
 
@@ -42,6 +52,8 @@ class ClusterSpec:
     #: The interpreter its processes run (a registered environment's ``bin/python``); None:
     #: the service's own.
     python: str | None = None
+    #: The tenant's Slurm user, account, partition and QOS (the Slurm backend's).
+    batch: BatchPlacement | None = None
 
 
 #: A worker that ended itself for using more memory than its limit exits with this status.
@@ -140,6 +152,8 @@ def backend_of(state: dict[str, Any] | None) -> str | None:
                                       if isinstance(state.get("workers"), dict) else [])]
     for ref in refs:
         if isinstance(ref, dict):
+            if "job_id" in ref:
+                return "slurm"
             if "task_id" in ref:
                 return "mesos"
             if "pid" in ref:
@@ -208,3 +222,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def live_workers(self, cluster_id: str) -> set[str]:
         """Names of workers launched and not known to have exited."""
+
+    def waiting(self, cluster_id: str) -> str | None:
+        """Why some of the cluster's processes wait to run (a batch queue's reason), if any."""
+        return None

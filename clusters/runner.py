@@ -126,7 +126,7 @@ async def _scheduler(options: dict[str, Any]) -> Scheduler:
 
     from clusters.plugin import ProvisionerPlugin
 
-    host = options.get("host", "127.0.0.1")
+    host = listen_host(options)
     credentials = options.get("credentials")
     with _dashboard_tls(credentials):
         scheduler = Scheduler(
@@ -163,7 +163,7 @@ async def _worker(options: dict[str, Any]) -> Worker:
             name=options["name"],
             nthreads=int(options.get("nthreads", 1)),
             memory_limit=int(options.get("memory_limit", 0)) or "auto",
-            host=options.get("host", "127.0.0.1"),
+            host=listen_host(options),
             port=options.get("port"),
             security=security_from(options.get("credentials")),
             death_timeout=options.get("death_timeout", 60),
@@ -171,7 +171,7 @@ async def _worker(options: dict[str, Any]) -> Worker:
             validate=False,
         )
         await worker
-    if worker.memory_manager.memory_limit:
+    if worker.memory_manager.memory_limit and options.get("memory_guard", True):
         worker.periodic_callbacks["provisioner-memory-guard"] = PeriodicCallback(
             functools.partial(_memory_guard, worker), MEMORY_GUARD_INTERVAL * 1000)
         worker.periodic_callbacks["provisioner-memory-guard"].start()
@@ -208,6 +208,32 @@ def _port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+#: ``host`` meaning "this batch node's own address": the name Slurm gave the node
+#: (``SLURMD_NODENAME``, else the host name), resolved here as the service resolves it.
+NODE_HOST = "batch-node"
+
+
+def listen_host(options: dict[str, Any]) -> str:
+    host = options.get("host") or "127.0.0.1"
+    if host != NODE_HOST:
+        return str(host)
+    import socket
+
+    return socket.gethostbyname(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+
+
+def _write_ready_file(template: str | None, info: dict[str, Any]) -> None:
+    """Report the ports in a file too (batch jobs have no parent to tell): ``%j`` in the
+    name is the Slurm job's id; the file appears whole (written aside, then renamed)."""
+    if not template:
+        return
+    path = template.replace("%j", os.environ.get("SLURM_JOB_ID", "0"))
+    aside = f"{path}.{os.getpid()}.tmp"
+    with open(aside, "w") as f:
+        json.dump(info, f)
+    os.replace(aside, path)
+
+
 async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None) -> int:
     """Start the server, report readiness on ``ready_fd``, run until closed or SIGTERM.
 
@@ -219,7 +245,9 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
     if role == "scheduler":
         server = await _scheduler(options)
         http = server.http_server.port if server.http_server is not None else None
-        _report_ready(ready_fd, {"port": _port(server.address), "http_port": http})
+        ports = {"port": _port(server.address), "http_port": http}
+        _report_ready(ready_fd, ports)
+        _write_ready_file(options.get("ready_file"), ports)
     elif role == "worker":
         server = await _worker(options)
         _report_ready(ready_fd, {"port": _port(server.address)})

@@ -82,6 +82,7 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
     from provisioner.service import ClusterService
     from provisioner.tenants import (
         TenantDirectory,
+        check_slurm_users,
         hash_token,
         load_environments,
         load_tenants,
@@ -110,6 +111,17 @@ def build(settings: Settings):  # type: ignore[no-untyped-def]
             failover_timeout=settings.mesos_failover_timeout,
             kill_grace=settings.mesos_kill_grace, teardown_on_close=settings.mesos_teardown,
         )
+    elif settings.backend == "slurm":
+        from clusters.slurm import SlurmBackend
+        from clusters.slurm.commands import require_commands
+
+        require_commands()
+        check_slurm_users(tenants)
+        if settings.slurm_folder is None:  # in the data folder: others may pass, not list
+            os.chmod(settings.data_dir, 0o711)
+        backend = SlurmBackend(settings.slurm_folder or settings.data_dir / "slurm",
+                               partition=settings.slurm_partition, python=settings.slurm_python,
+                               poll_interval=settings.slurm_poll_interval)
     else:
         from clusters.local import LocalBackend
 
@@ -179,9 +191,12 @@ def serve(
         help="folder for the SQLite file and cluster logs [default: data]")] = None,
     secret_key_file: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="key file sealing credentials at rest (default DATA_DIR/secret.key)")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="local or mesos [default: local]")] = None,  # noqa: UP045
+    backend: Annotated[Optional[str], typer.Option(help="local, mesos or slurm [default: local]")] = None,  # noqa: UP045
     mesos_master: Annotated[Optional[str], typer.Option(help="HOST:PORT or zk://HOST:2181/mesos")] = None,  # noqa: UP045
     mesos_command: Annotated[Optional[str], typer.Option(help="command starting Dask on a Mesos agent")] = None,  # noqa: UP045
+    slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition of tenants that name none")] = None,  # noqa: UP045
+    slurm_folder: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="folder shared with the Slurm nodes for clusters' files [default: DATA_DIR/slurm]")] = None,
     keep_clusters: Annotated[Optional[bool], typer.Option(  # noqa: UP045
         "--keep-clusters/--no-keep-clusters",
         help="leave clusters running on shutdown [default: no-keep-clusters]")] = None,
@@ -220,6 +235,7 @@ def serve(
     overrides: dict[str, Any] = {
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
+        "slurm_partition": slurm_partition, "slurm_folder": slurm_folder,
         "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
         "max_connections": max_connections, "header_timeout": header_timeout,
         "body_timeout": body_timeout, "public_url": public_url, "log_level": log_level,

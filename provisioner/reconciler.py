@@ -49,6 +49,7 @@ def spec_for(record: ClusterRecord, tenants: TenantDirectory, lease: float = 0) 
         cluster_id=record.id,
         tenant=record.tenant,
         role=tenant.role if tenant else record.tenant,
+        batch=tenant.batch if tenant else None,
         worker_cores=record.worker_cores,
         worker_memory=record.worker_memory,
         scheduler_cores=record.scheduler_cores,

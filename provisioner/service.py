@@ -122,6 +122,10 @@ class ClusterService:
 
     # -- queries ---------------------------------------------------------------------------
 
+    def waiting(self, record: ClusterRecord) -> str | None:
+        """Why some of a live cluster's processes wait to run, as its backend says."""
+        return None if record.status.terminal else self.backend.waiting(record.id)
+
     async def get(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
         if not re.fullmatch(CLUSTER_ID_PATTERN, cluster_id):
             raise NotFound(cluster_id)

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     tenants: Path | None = None
     data_dir: Path = Path("data")
     state: str | None = None
-    backend: Literal["local", "mesos"] = "local"
+    backend: Literal["local", "mesos", "slurm"] = "local"
     mesos_master: str | None = None
     #: Command that starts a Dask scheduler or worker on a Mesos agent (runner arguments follow).
     mesos_command: str = "python -m clusters.runner"
@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     mesos_kill_grace: float = Field(default=10, ge=0)
     #: Send TEARDOWN (kills every task of the framework) when the service stops.
     mesos_teardown: bool = False
+    #: Slurm partition for clusters whose tenant names none (unset: Slurm's default).
+    slurm_partition: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: Where each Slurm cluster gets a folder (its ports file, its logs): on a filesystem
+    #: the nodes share. Default: DATA_DIR/slurm.
+    slurm_folder: Path | None = None
+    #: Interpreter Slurm jobs run, at this path on every node. Default: the service's own.
+    slurm_python: str | None = None
+    #: Seconds between two ``squeue --json`` queries.
+    slurm_poll_interval: float = Field(default=1.0, gt=0)
     keep_clusters: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls: bool = True

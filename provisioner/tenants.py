@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from clusters.base import BatchPlacement
 from clusters.runtime_env import check_env
 from provisioner.sizes import parse_bytes, parse_seconds
 
@@ -63,6 +64,10 @@ class Defaults(BaseModel):
     max_no_client_timeout: Seconds = 86400
 
 
+#: Slurm account, partition and QOS names: what sbatch takes as one plain word.
+SLURM_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+
+
 def check_mesos_role(role: str) -> str:
     """Mesos's rules for role names (a refused role would stop the framework subscribing)."""
     if not role or role.startswith("/") or role.endswith("/") or "//" in role:
@@ -83,6 +88,13 @@ class Tenant(BaseModel):
     quota: Quota
     defaults: Defaults = Defaults()
     mesos_role: Annotated[str, AfterValidator(check_mesos_role)] | None = None
+    #: On Slurm: the Unix user its jobs run as (default: the tenant's name; never root, never
+    #: another tenant's), the account they are charged to (default: the tenant's name), and
+    #: optionally a partition and a QOS.
+    slurm_user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    slurm_account: str | None = Field(default=None, pattern=SLURM_NAME)
+    slurm_partition: str | None = Field(default=None, pattern=SLURM_NAME)
+    slurm_qos: str | None = Field(default=None, pattern=SLURM_NAME)
     env: dict[str, str] = {}
 
     @model_validator(mode="before")
@@ -109,6 +121,13 @@ class Tenant(BaseModel):
     def role(self) -> str:
         return self.mesos_role or self.name
 
+    @property
+    def batch(self) -> BatchPlacement:
+        """Where its Slurm jobs run, and as whom."""
+        return BatchPlacement(user=self.slurm_user or self.name,
+                              account=self.slurm_account or self.name,
+                              partition=self.slurm_partition, qos=self.slurm_qos)
+
 
 class Environment(BaseModel):
     """A named Python environment clusters may run in, registered by the operator: a venv or
@@ -134,6 +153,31 @@ class Environment(BaseModel):
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
+
+
+def check_slurm_users(tenants: list[Tenant]) -> None:
+    """On Slurm each tenant's jobs run as its own Unix user: it must exist, must not be
+    root, and no two tenants may share one (jobs of one uid can signal and read each other)."""
+    import pwd
+
+    errors: list[str] = []
+    owners: dict[int, str] = {}
+    for t in tenants:
+        user = t.batch.user
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            errors.append(f"tenant {t.name!r}: Slurm user {user!r} does not exist "
+                          "(create it, or set slurm_user)")
+            continue
+        if uid == 0:
+            errors.append(f"tenant {t.name!r}: slurm_user must not be root")
+        elif uid in owners:
+            errors.append(f"tenants {owners[uid]!r} and {t.name!r} share the Unix user "
+                          f"{user!r}: each tenant needs its own")
+        owners.setdefault(uid, t.name)
+    if errors:
+        raise TenantsFileError("; ".join(errors))
 
 
 def hash_token(token: str) -> str:
