@@ -79,12 +79,14 @@ def bench_tenant(clusters: int = 40) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def our_service(args: list[str] | None = None, env: dict[str, str] | None = None,
-                clusters: int = 40) -> Iterator[str]:
-    """``provisioner serve`` with the local backend; yields its URL."""
+                clusters: int = 40, tenant: dict[str, Any] | None = None) -> Iterator[str]:
+    """``provisioner serve`` (the local backend unless ``args`` say otherwise); yields its
+    URL. ``tenant``: settings added to the bench tenant's entry."""
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
         root = Path(tmp)
         tenants = root / "tenants.yaml"
-        tenants.write_text(yaml.safe_dump({"tenants": [bench_tenant(clusters)]}))
+        tenants.write_text(yaml.safe_dump({"tenants": [{**bench_tenant(clusters),
+                                                        **(tenant or {})}]}))
         port = free_port()
         data = root / "data"
         log = root / "service.log"
@@ -126,8 +128,10 @@ c.ClusterConfig.scheduler_memory = "1 G"
 
 
 @contextlib.contextmanager
-def gateway_server() -> Iterator[tuple[str, str, int]]:
-    """dask-gateway-server with its local backend; yields its HTTP and proxy addresses and pid."""
+def gateway_server(extra_config: str = "", env: dict[str, str] | None = None,
+                   ) -> Iterator[tuple[str, str, int]]:
+    """dask-gateway-server with its local backend (or what ``extra_config``, Python appended to
+    its config file, says); yields its HTTP and proxy addresses and pid."""
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         root = Path(tmp)
         (root / "clusters").mkdir()
@@ -137,12 +141,12 @@ def gateway_server() -> Iterator[tuple[str, str, int]]:
         config.write_text(GATEWAY_CONFIG.format(
             api=f"127.0.0.1:{api}", proxy=f"127.0.0.1:{proxy}", tcp=f"127.0.0.1:{tcp}",
             password=GATEWAY_PASSWORD, clusters=str(root / "clusters"), dask=dask_cli,
-        ))
+        ) + extra_config.format(api=f"127.0.0.1:{api}", root=str(root)))
         log = root / "gateway.log"
         cmd = [sys.executable, "-m", "dask_gateway_server", "-f", str(config)]
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root,
-                                    env=dict(os.environ), start_new_session=True)
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{proxy}"
             _wait_http(url + "/api/health", proc, log)

@@ -69,7 +69,8 @@ class NullBackend(Backend):
     ) -> dict[str, str | None]:
         return {spec.cluster_id: None for spec, _ in clusters}
 
-    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+    async def start_scheduler(self, spec: ClusterSpec,
+                              workers: Sequence[str] = ()) -> SchedulerEndpoint:
         return SchedulerEndpoint("tcp://127.0.0.1:1", self.reports.url)
 
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:

@@ -8,6 +8,7 @@ for both sides alike) and stops once a Client has computed one task or sees the 
 
     python -m bench.start_client ours URL --workers 1
     python -m bench.start_client gateway URL PROXY SERVER_PID --workers 2
+    python -m bench.start_client jobqueue slurm --workers 2
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -70,11 +72,12 @@ def ours(url: str, workers: int) -> dict[str, float]:
     return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
 
 
-def gateway(url: str, proxy: str, server_pid: int, workers: int) -> dict[str, float]:
+def gateway(url: str, proxy: str, server_pid: int, workers: int,
+            user: str = "bench") -> dict[str, float]:
     """``new_cluster()``, ``scale(n)``, ``get_client()`` as dask-gateway's docs show; then shutdown."""
     from dask_gateway import BasicAuth, Gateway
 
-    with Gateway(url, proxy_address=proxy, auth=BasicAuth("bench", GATEWAY_PASSWORD)) as gw:
+    with Gateway(url, proxy_address=proxy, auth=BasicAuth(user, GATEWAY_PASSWORD)) as gw:
         t0 = time.perf_counter()
         cluster = gw.new_cluster()
         running = time.perf_counter() - t0
@@ -90,19 +93,42 @@ def gateway(url: str, proxy: str, server_pid: int, workers: int) -> dict[str, fl
     return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
 
 
+def jobqueue(workers: int) -> dict[str, float]:
+    """dask-jobqueue's ``SLURMCluster`` as its docs show: the scheduler in this process,
+    ``scale(n)`` submits one job per worker; loopback only here, hence ``interface="lo"``."""
+    from dask_jobqueue import SLURMCluster
+
+    t0 = time.perf_counter()
+    cluster = SLURMCluster(cores=1, memory="1GiB", processes=1, interface="lo",
+                           log_directory=os.environ.get("BENCH_JOBQUEUE_LOGS"))
+    running = time.perf_counter() - t0
+    try:
+        cluster.scale(workers)
+        with Client(cluster, set_as_default=False) as client:
+            use(client, workers)
+            done = time.perf_counter() - t0
+    finally:
+        cluster.close()
+    return {"scheduler": running, "task" if workers == 1 else "two_workers": done}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("system", choices=("ours", "gateway"))
+    parser.add_argument("system", choices=("ours", "gateway", "jobqueue"))
     parser.add_argument("target", nargs="+", help="ours: URL; gateway: URL PROXY SERVER_PID")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--user", default="bench",
+                        help="gateway: the user to log in as (on Slurm, the Unix user jobs run as)")
     args = parser.parse_args(argv)
     timings: dict[str, Any]
     if args.system == "ours":
         (url,) = args.target
         timings = ours(url, args.workers)
+    elif args.system == "jobqueue":
+        timings = jobqueue(args.workers)
     else:
         url, proxy, pid = args.target
-        timings = gateway(url, proxy, int(pid), args.workers)
+        timings = gateway(url, proxy, int(pid), args.workers, args.user)
     print(json.dumps(timings), flush=True)
     return 0
 

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -82,9 +82,11 @@ class System:
         return json.loads(done.stdout.splitlines()[-1])
 
 
-def measure(systems: list[System], runs: int,
-            warmup: int) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
-    """Alternate systems run by run; return each system's timings per scenario, and failures."""
+def measure(systems: list[System], runs: int, warmup: int,
+            settle: Callable[[], None] = lambda: time.sleep(SETTLE),
+            ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[str]]]:
+    """Alternate systems run by run; return each system's timings per scenario, and failures.
+    ``settle`` runs after every run (both systems alike)."""
     results: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in SCENARIOS}
                                                   for s in systems}
     failures: dict[str, list[str]] = {s.name: [] for s in systems}
@@ -98,6 +100,7 @@ def measure(systems: list[System], runs: int,
                     failures[system.name].append(f"{label} workers={workers}: {exc!r}")
                     print(f"  {label:12} {system.name:17} workers={workers} FAILED: {exc!r}",
                           flush=True)
+                    settle()
                     continue
                 if i >= warmup:
                     for key, value in timings.items():
@@ -106,7 +109,7 @@ def measure(systems: list[System], runs: int,
                         results[system.name][key].append(value)
                 shown = " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
                 print(f"  {label:12} {system.name:17} workers={workers} {shown}", flush=True)
-                time.sleep(SETTLE)
+                settle()
     return results, failures
 
 
@@ -158,21 +161,22 @@ def healthz_under_load(url: str, clusters: int = 20) -> dict[str, Any]:
             "healthz_max_ms": max(latencies) * 1000}
 
 
-def report(results: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+def report(results: dict[str, dict[str, list[float]]], ours: str = "dask-provisioner",
+           ) -> dict[str, Any]:
+    """Medians and spreads per system and scenario, and each peer's median over ours."""
     out: dict[str, Any] = {name: {k: summary(v) for k, v in per.items()}
                            for name, per in results.items()}
-    if "dask-gateway" in out:
-        out["ratio_gateway_over_ours"] = {
-            k: out["dask-gateway"][k]["median"] / out["dask-provisioner"][k]["median"]
-            for k in SCENARIOS
-        }
+    peers = [name for name in results if name != ours]
+    out["ratio_over_ours"] = {
+        peer: {k: out[peer][k]["median"] / out[ours][k]["median"] for k in SCENARIOS}
+        for peer in peers}
     print(f"\n{'scenario':14}{'system':18}{'median':>9}{'p95':>9}{'min':>9}{'max':>9}")
     for k in SCENARIOS:
         for name in results:
             s = out[name][k]
             print(f"{k:14}{name:18}{s['median']:9.3f}{s['p95']:9.3f}{s['min']:9.3f}{s['max']:9.3f}")
-        if "ratio_gateway_over_ours" in out:
-            print(f"{'':14}{'gateway/ours':18}{out['ratio_gateway_over_ours'][k]:8.1f}x")
+        for peer in peers:
+            print(f"{'':14}{peer + '/ours':18}{out['ratio_over_ours'][peer][k]:8.1f}x")
     return out
 
 

@@ -204,8 +204,11 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
-        """Start the scheduler and return once it accepts connections."""
+    async def start_scheduler(self, spec: ClusterSpec,
+                              workers: Sequence[str] = ()) -> SchedulerEndpoint:
+        """Start the scheduler and return once it accepts connections. A backend may start
+        ``workers`` (Dask names) along with it, to find it on their own: those it started are
+        in :meth:`live_workers` after; the others the core starts once it runs."""
 
     @abc.abstractmethod
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:

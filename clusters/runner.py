@@ -155,11 +155,13 @@ async def _worker(options: dict[str, Any]) -> Worker:
     from distributed import Worker
     from tornado.ioloop import PeriodicCallback
 
+    address = options.get("address") or await _scheduler_address(
+        options["address_file"], float(options.get("death_timeout", 60)))
     # A worker's HTTP server would show its logs and call stacks to anyone who can reach it,
     # with no client certificate asked: it serves nothing (the dashboard is the scheduler's).
     with dask.config.set({"distributed.worker.http.routes": []}):
         worker = Worker(
-            options["address"],
+            address,
             name=options["name"],
             nthreads=int(options.get("nthreads", 1)),
             memory_limit=int(options.get("memory_limit", 0)) or "auto",
@@ -196,6 +198,25 @@ def _memory_guard(worker: Worker) -> None:
         os._exit(MEMORY_EXIT_CODE)
 
 
+def _head(path: str, limit: int) -> str:
+    with open(path) as f:
+        return f.read(limit)
+
+
+async def _scheduler_address(path: str, timeout: float) -> str:
+    """A worker started along with its scheduler (a batch job) waits for the address the
+    scheduler writes in their cluster's folder (their tenant's own, as the worker is)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            address = (await asyncio.to_thread(_head, path, 300)).strip()
+            if address.startswith(("tls://", "tcp://")):
+                return address
+        if asyncio.get_running_loop().time() > deadline:
+            raise SystemExit(f"no scheduler address in {path} after {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
 def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
     if fd is None:
         return
@@ -222,15 +243,15 @@ def listen_host(options: dict[str, Any]) -> str:
     return socket.gethostbyname(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
 
 
-def _write_ready_file(template: str | None, info: dict[str, Any]) -> None:
-    """Report the ports in a file too (batch jobs have no parent to tell): ``%j`` in the
-    name is the Slurm job's id; the file appears whole (written aside, then renamed)."""
+def _write_file(template: str | None, text: str) -> None:
+    """Report to a file (batch jobs have no parent to tell): ``%j`` in the name is the Slurm
+    job's id; the file appears whole (written aside, then renamed)."""
     if not template:
         return
     path = template.replace("%j", os.environ.get("SLURM_JOB_ID", "0"))
     aside = f"{path}.{os.getpid()}.tmp"
     with open(aside, "w") as f:
-        json.dump(info, f)
+        f.write(text)
     os.replace(aside, path)
 
 
@@ -247,7 +268,8 @@ async def serve(role: str, options: dict[str, Any], ready_fd: int | None = None)
         http = server.http_server.port if server.http_server is not None else None
         ports = {"port": _port(server.address), "http_port": http}
         _report_ready(ready_fd, ports)
-        _write_ready_file(options.get("ready_file"), ports)
+        _write_file(options.get("ready_file"), json.dumps(ports))
+        _write_file(options.get("address_file"), server.address)
     elif role == "worker":
         server = await _worker(options)
         _report_ready(ready_fd, {"port": _port(server.address)})

@@ -143,9 +143,12 @@ class ClusterRunner:
             await records.update(self.id, status=Status.STARTING)
         else:  # a start interrupted by a restart: begin again from nothing
             await self.rec.backend.stop_cluster(self.id)
+        # Workers a backend can start along with the scheduler (batch jobs) overlap its start.
+        early = [worker_name(self.id) for _ in range(self.record.workers_requested)]
         try:
-            endpoint = await self._unless_stopped(self.rec.backend.start_scheduler(self.spec()),
-                                                  self.rec.settings.start_timeout)
+            endpoint = await self._unless_stopped(
+                self.rec.backend.start_scheduler(self.spec(), early),
+                self.rec.settings.start_timeout)
         except (LaunchError, TimeoutError) as exc:
             self.rec.backend_error("scheduler-start")
             reason = str(exc) or f"scheduler not up after {self.rec.settings.start_timeout:g}s"

@@ -59,7 +59,8 @@ class FaultyBackend(Backend):
                       ) -> dict[str, Outcome | None]:
         return {spec.cluster_id: None for spec, _ in clusters}
 
-    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+    async def start_scheduler(self, spec: ClusterSpec,
+                              workers: Sequence[str] = ()) -> SchedulerEndpoint:
         self.calls.append(("start_scheduler", spec.cluster_id))
         if self.start == "fail":
             raise LaunchError("no capacity, on purpose")

@@ -216,7 +216,8 @@ class LocalBackend(Backend):
         self.confinement.prepare(cluster.directory, tenant)
         cluster.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+    async def start_scheduler(self, spec: ClusterSpec,
+                              workers: Sequence[str] = ()) -> SchedulerEndpoint:
         cluster = self._cluster(spec.cluster_id, spec)
         cluster.stopping.discard("scheduler")
         if cluster.scheduler and is_alive(cluster.scheduler):

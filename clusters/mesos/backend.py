@@ -422,7 +422,8 @@ class MesosBackend(Framework, Backend):
             await self._save(cid)
         return result
 
-    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+    async def start_scheduler(self, spec: ClusterSpec,
+                              workers: Sequence[str] = ()) -> SchedulerEndpoint:
         cluster = self.book.cluster(spec)
         cluster.stopped = False
         await self._ensure_role(spec.role)

@@ -55,12 +55,14 @@ from clusters.base import (
 from clusters.runner import NODE_HOST, scheduler_options, worker_options
 from clusters.slurm import commands
 from clusters.slurm.jobs import Job, JobState, marker
-from clusters.tenant_files import read_ports, read_word
+from clusters.tenant_files import read_ports, read_word, remove_entry
 
 logger = logging.getLogger("provisioner.slurm")
 
 MiB = 2**20
 READY_POLL = 0.05
+#: The scheduler's Dask address, which it writes in its folder for workers started with it.
+ADDRESS_FILE = "scheduler.address"
 #: Seconds a stop waits for Slurm to end a cluster's jobs before it counts as failed (retried).
 STOP_TIMEOUT = 60.0
 
@@ -306,16 +308,30 @@ class SlurmBackend(Backend):
 
     # -- the interface ---------------------------------------------------------------------
 
-    async def start_scheduler(self, spec: ClusterSpec) -> SchedulerEndpoint:
+    async def start_scheduler(self, spec: ClusterSpec,
+                              workers: Sequence[str] = ()) -> SchedulerEndpoint:
+        """Submit the scheduler and ``workers`` at once: Slurm starts them in the same
+        scheduling pass, and the workers wait for the scheduler's address in the cluster's
+        folder, so their start (a Python and Dask import each) overlaps the scheduler's."""
         cluster = self._cluster(spec.cluster_id, spec)
         if cluster.jobs():
             await self._cancel(cluster, cluster.jobs())
+            cluster.workers.clear()
         await asyncio.to_thread(self._prepare, cluster, self._placement(spec).user)
+        await asyncio.to_thread(remove_entry, cluster.folder, ADDRESS_FILE)
         options = scheduler_options(spec, str(cluster.folder), host=NODE_HOST, port=0,
-                                    ready_file=str(cluster.folder / "scheduler-%j.json"))
+                                    ready_file=str(cluster.folder / "scheduler-%j.json"),
+                                    address_file=str(cluster.folder / ADDRESS_FILE))
         job_id = await self._submit(spec, cluster, "scheduler", options, spec.scheduler_cores,
                                     spec.scheduler_memory)
         ref = cluster.scheduler = _JobRef(job_id, reported=True)  # its start reports its end
+        if workers:  # those not submitted, the core asks for again once the scheduler runs
+            try:
+                await self._submit_workers(spec, cluster, workers,
+                                           address_file=str(cluster.folder / ADDRESS_FILE))
+            except LaunchError as exc:
+                logger.warning("slurm: cluster %s: workers not submitted with its scheduler: %s",
+                               spec.cluster_id, exc)
         await self._save(spec.cluster_id)
         self._wake.set()
         ready_file = f"scheduler-{job_id}.json"
@@ -342,18 +358,27 @@ class SlurmBackend(Backend):
     async def start_workers(self, spec: ClusterSpec, address: str, names: Sequence[str]) -> None:
         cluster = self._cluster(spec.cluster_id, spec)
         await asyncio.to_thread(self._prepare, cluster, self._placement(spec).user)
+        try:
+            await self._submit_workers(spec, cluster, names, address=address)
+        finally:
+            await self._save(spec.cluster_id)
+            self._wake.set()
+
+    async def _submit_workers(self, spec: ClusterSpec, cluster: _Cluster, names: Sequence[str],
+                              **where: str) -> None:
+        """One job per worker, all submitted at once; ``where``: the scheduler's ``address``,
+        or the ``address_file`` it will write."""
 
         async def one(name: str) -> None:
             # Slurm's cgroup holds the worker to its memory; no guard of ours in between.
-            options = worker_options(spec, address, name, self.worker_death_timeout,
-                                     host=NODE_HOST, memory_guard=False)
+            options = worker_options(spec, where.get("address", ""), name,
+                                     self.worker_death_timeout, host=NODE_HOST,
+                                     memory_guard=False, address_file=where.get("address_file"))
             job_id = await self._submit(spec, cluster, name, options, spec.worker_cores,
                                         spec.worker_memory, WORKER_ENV)
             cluster.workers[name] = _JobRef(job_id)
 
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
-        await self._save(spec.cluster_id)
-        self._wake.set()
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise LaunchError(str(failed[0]))
