@@ -119,8 +119,19 @@ def test_clusters_are_jobs_of_each_tenants_user_and_account(svc: ServiceProcess,
     peek = subprocess.run(["runuser", "-u", USERS["beta"], "--", "ls", str(folder)],
                           capture_output=True, text=True)
     assert peek.returncode != 0 and "Permission denied" in peek.stderr
+    # Alpha's own code leaves links out of its folder; removing the folder never follows them.
+    outside = slurm.root / "not-alpha-s"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep").write_text("keep me")
+    for link, target in (("to-file", outside / "sub" / "keep"), ("to-dir", outside),
+                         ("scheduler.address", outside / "sub" / "keep")):
+        made = subprocess.run(["runuser", "-u", USERS["alpha"], "--", "ln", "-sfn", str(target),
+                               str(folder / link)], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
     delete_and_check_gone(svc, slurm, "beta", b["id"])
     delete_and_check_gone(svc, slurm, "alpha", a["id"])
+    assert not folder.exists()
+    assert (outside / "sub" / "keep").read_text() == "keep me"
 
 
 def test_scale_adapt_and_idle_reap(svc: ServiceProcess, slurm: SlurmCluster) -> None:
@@ -148,6 +159,14 @@ def test_scale_adapt_and_idle_reap(svc: ServiceProcess, slurm: SlurmCluster) -> 
     wait_until(lambda: svc.get_cluster("alpha", c["id"])["status"] == "stopped", timeout=90,
                what="idle reap")
     assert svc.get_cluster("alpha", c["id"])["outcome"]["reason"] == "idle"
+    wait_until(lambda: jobs_of(slurm, c["id"]) == [], timeout=30, what="jobs gone")
+
+
+def test_a_cluster_nobody_connects_to_is_reaped(svc: ServiceProcess, slurm: SlurmCluster) -> None:
+    c = svc.create("beta", workers=1, no_client_timeout=4)
+    wait_until(lambda: svc.get_cluster("beta", c["id"])["status"] == "stopped", timeout=60,
+               what="no-client reap")
+    assert svc.get_cluster("beta", c["id"])["outcome"]["reason"] == "no-client"
     wait_until(lambda: jobs_of(slurm, c["id"]) == [], timeout=30, what="jobs gone")
 
 
