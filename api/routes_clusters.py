@@ -34,7 +34,9 @@ ServiceDep = Annotated[ClusterService, Depends(get_provisioner)]
 #: The service's public base URL: cluster JSON links the dashboard through the service.
 BaseDep = Annotated[str, Depends(public_base)]
 def _out(service: ClusterService, record: ClusterRecord, base: str) -> ClusterOut:
-    return ClusterOut.of(record, base, waiting=service.waiting(record))
+    position, reason = service.queue.where(record)
+    return ClusterOut.of(record, base, waiting=service.waiting(record), queue_position=position,
+                         waiting_for=reason)
 
 
 Wait = Annotated[float, Query(ge=0, le=600, description="seconds to wait until running")]
@@ -56,6 +58,7 @@ async def create_cluster(
         adaptive_maximum=body.adaptive.maximum if body.adaptive else None,
         idle_timeout=body.idle_timeout,
         no_client_timeout=body.no_client_timeout,
+        queue=body.queue,
         env=body.env,
         image=body.image,
         environment=body.environment,

@@ -49,6 +49,9 @@ class ClusterCreate(Strict):
     environment: str | None = Field(
         default=None, pattern=NAME_PATTERN,
         description="a Python environment the operator registered (GET /environments)")
+    queue: bool | None = Field(
+        default=None, description="when it does not fit now: wait in the queue (201, status "
+        "queued) or be refused (403); default: the tenant's setting (queue)")
 
     @field_validator("env")
     @classmethod
@@ -110,9 +113,14 @@ class ClusterOut(BaseModel):
     waiting: str | None = Field(
         None, description="why some of its processes wait to run: a batch queue's reason "
                           "(Slurm's pending reason), while they wait")
+    queue_position: int | None = Field(None, description="while queued: 1 is admitted next")
+    waiting_for: str | None = Field(
+        None, description="while queued: what it waits for ('pool full: cores 1.5 requested, "
+                          "0.5 of 3 free in the pool')")
 
     @classmethod
-    def of(cls, r: ClusterRecord, base: str, waiting: str | None = None) -> ClusterOut:
+    def of(cls, r: ClusterRecord, base: str, waiting: str | None = None,
+           queue_position: int | None = None, waiting_for: str | None = None) -> ClusterOut:
         """The cluster as a tenant sees it; ``base`` is the service's public URL. The record's
         own dashboard URL is the scheduler's (an upstream of the proxy), never shown."""
         dashboard = dashboard_url(base, r.id) if r.dashboard_url and not r.status.terminal else None
@@ -130,7 +138,7 @@ class ClusterOut(BaseModel):
             stop_reason=r.outcome.summary() if r.outcome else None,
             outcome=OutcomeOut(reason=r.outcome.reason.value, detail=r.outcome.detail)
             if r.outcome else None,
-            waiting=waiting,
+            waiting=waiting, queue_position=queue_position, waiting_for=waiting_for,
         )
 
 

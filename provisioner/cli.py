@@ -197,6 +197,10 @@ def serve(
     slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition of tenants that name none")] = None,  # noqa: UP045
     slurm_folder: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="folder shared with the Slurm nodes for clusters' files [default: DATA_DIR/slurm]")] = None,
+    capacity_cores: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help="cores all clusters share; past it creates queue [default: unlimited]")] = None,
+    capacity_memory: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="memory all clusters share, e.g. 64GiB [default: unlimited]")] = None,
     keep_clusters: Annotated[Optional[bool], typer.Option(  # noqa: UP045
         "--keep-clusters/--no-keep-clusters",
         help="leave clusters running on shutdown [default: no-keep-clusters]")] = None,
@@ -236,6 +240,7 @@ def serve(
         "host": host, "port": port, "tenants": tenants, "state": state, "data_dir": data_dir,
         "backend": backend, "mesos_master": mesos_master, "mesos_command": mesos_command,
         "slurm_partition": slurm_partition, "slurm_folder": slurm_folder,
+        "capacity_cores": capacity_cores, "capacity_memory": capacity_memory,
         "keep_clusters": keep_clusters, "tls": tls, "secret_key_file": secret_key_file,
         "max_connections": max_connections, "header_timeout": header_timeout,
         "body_timeout": body_timeout, "public_url": public_url, "log_level": log_level,

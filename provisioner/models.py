@@ -18,6 +18,7 @@ from clusters.base import Outcome, StopReason
 
 
 class Status(enum.StrEnum):
+    QUEUED = "queued"  # waiting for capacity: holds no quota, starts once admitted
     PENDING = "pending"
     STARTING = "starting"
     RUNNING = "running"
@@ -32,6 +33,7 @@ class Status(enum.StrEnum):
 
 #: Which status may follow which. Anything not listed is a bug in the caller.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.PENDING, Status.STOPPING, Status.STOPPED, Status.FAILED}),
     Status.PENDING: frozenset({Status.STARTING, Status.STOPPING, Status.FAILED, Status.STOPPED}),
     Status.STARTING: frozenset({Status.RUNNING, Status.STOPPING, Status.FAILED}),
     Status.RUNNING: frozenset({Status.STOPPING, Status.FAILED}),

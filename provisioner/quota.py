@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from provisioner.models import ClusterRecord
+from provisioner.models import ClusterRecord, Status
 from provisioner.sizes import format_bytes
 from provisioner.tenants import Quota
 
@@ -27,7 +27,8 @@ class Usage:
 
     @classmethod
     def of(cls, records: Iterable[ClusterRecord]) -> Usage:
-        live = [r for r in records if not r.status.terminal]
+        """What these records hold: live ones, not those still queued."""
+        live = [r for r in records if not r.status.terminal and r.status != Status.QUEUED]
         return cls(
             clusters=len(live),
             cores=round(sum(r.cores for r in live), 6),
@@ -62,6 +63,34 @@ def check_fits(quota: Quota, usage: Usage, *, cores: float, memory: int, cluster
             f"quota exceeded: memory {format_bytes(memory)} requested, "
             f"{format_bytes(free)} of {format_bytes(quota.memory)} free{explain.get('memory', '')}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """The capacity every tenant's clusters share (``--capacity-cores``/``-memory``)."""
+
+    cores: float | None = None
+    memory: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.cores is not None or self.memory is not None
+
+    def as_quota(self) -> Quota:
+        """The pool as one tenant's quota would be (for the same arithmetic)."""
+        return Quota(cores=self.cores or 1e18, memory=self.memory or 2**62, clusters=2**31)
+
+
+def check_pool(pool: Pool, used: Usage, *, cores: float, memory: int) -> None:
+    """Raise OverQuota unless ``cores`` and ``memory`` more fit the pool beside ``used``."""
+    if pool.cores is not None and cores > 0 and used.cores + cores > pool.cores + 1e-9:
+        free = max(pool.cores - used.cores, 0)
+        raise OverQuota(f"pool full: cores {_num(cores)} requested, {_num(round(free, 6))} "
+                        f"of {_num(pool.cores)} free in the pool")
+    if pool.memory is not None and memory > 0 and used.memory + memory > pool.memory:
+        free = max(pool.memory - used.memory, 0)
+        raise OverQuota(f"pool full: memory {format_bytes(memory)} requested, "
+                        f"{format_bytes(free)} of {format_bytes(pool.memory)} free in the pool")
 
 
 def cluster_costs(record: ClusterRecord) -> dict[str, str]:

@@ -381,7 +381,7 @@ class Reconciler:
     def ensure(self, record: ClusterRecord) -> None:
         """Make sure a runner drives this record (called after every change that needs one)."""
         runner = self.runners.get(record.id)
-        if runner is None and not record.status.terminal:
+        if runner is None and not record.status.terminal and record.status != Status.QUEUED:
             self.runners[record.id] = ClusterRunner(self, record)
         elif runner is not None:
             runner.kick.set()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from provisioner.models import ClusterRecord, Outcome, Status, Wanted
-from provisioner.quota import Usage
+from provisioner.quota import Pool, Usage
 from provisioner.store import Store
 from provisioner.tenants import Quota
 
@@ -71,14 +71,25 @@ class Records:
         """The record (NotFound if none); live ones come from memory."""
         return self._live.get(cluster_id) or await self.store.get(cluster_id)
 
-    async def admit(self, record: ClusterRecord, quota: Quota) -> ClusterRecord:
-        return self._put(await self.store.admit(record, quota))
+    async def admit(self, record: ClusterRecord, quota: Quota, pool: Pool = Pool(),
+                    queue: bool = False) -> tuple[ClusterRecord, str | None]:
+        """The new record, admitted or (with ``queue``) queued with the reason it waits."""
+        admitted, reason = await self.store.admit(record, quota, pool, queue)
+        return self._put(admitted), reason
+
+    async def promote(self, cluster_id: str, quota: Quota,
+                      pool: Pool) -> tuple[ClusterRecord | None, str | None]:
+        """Admit a queued cluster if it fits now (see :meth:`Store.promote`)."""
+        async with self._write_lock(cluster_id):
+            record, reason = await self.store.promote(cluster_id, quota, pool)
+            return (self._put(record) if record is not None else None), reason
 
     async def resize(self, cluster_id: str, quota: Quota, workers: int, *,
-                     best_effort: bool = False, **changes: Any) -> ClusterRecord:
+                     best_effort: bool = False, pool: Pool = Pool(),
+                     **changes: Any) -> ClusterRecord:
         async with self._write_lock(cluster_id):
             record = await self.store.resize(cluster_id, quota, workers,
-                                             best_effort=best_effort, **changes)
+                                             best_effort=best_effort, pool=pool, **changes)
             return self._put(record)
 
     async def update(self, cluster_id: str, **changes: Any) -> ClusterRecord:

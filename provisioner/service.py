@@ -26,7 +26,8 @@ from provisioner.models import (
     Wanted,
     new_cluster_id,
 )
-from provisioner.quota import OverQuota, Usage
+from provisioner.queue import AdmissionQueue
+from provisioner.quota import OverQuota, Pool, Usage
 from provisioner.reconciler import Reconciler
 from provisioner.records import Records
 from provisioner.settings import Settings
@@ -65,6 +66,8 @@ class ClusterRequest:
     env: dict[str, str] = field(default_factory=dict)
     image: str | None = None
     environment: str | None = None
+    #: Wait in the queue when it does not fit now (None: the tenant's setting).
+    queue: bool | None = None
 
 
 def _bounded(name: str, value: float | None, default: float, limit: float) -> float:
@@ -88,6 +91,8 @@ class ClusterService:
         self.records = Records(store)
         self.backend = backend
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
+        self.pool = Pool(settings.capacity_cores, settings.capacity_memory)
+        self.queue = AdmissionQueue(self.records, tenants, self.pool, self.reconciler.ensure)
         self.metrics = Metrics(self.records, tenants)
         self.reconciler.on_backend_error = self.metrics.backend_errors.labels
         self._stopped = False
@@ -96,6 +101,7 @@ class ClusterService:
         await self.store.open([t.name for t in self.tenants])
         await self.backend.open(self.reconciler)
         await self.reconciler.recover()
+        self.queue.start()
 
     async def stop(self, keep_clusters: bool | None = None) -> None:
         """Stop serving: every live cluster is stopped, or with ``keep_clusters`` left running
@@ -104,7 +110,8 @@ class ClusterService:
             return
         self._stopped = True
         keep = self.settings.keep_clusters if keep_clusters is None else keep_clusters
-        live = sorted(r.id for r in self.records.live())
+        await self.queue.stop()
+        live = sorted(r.id for r in self.records.live() if r.status != Status.QUEUED)
         await self.reconciler.shutdown(stop_clusters=not keep)
         if not live:
             logger.info("shutdown: no live clusters")
@@ -124,7 +131,9 @@ class ClusterService:
 
     def waiting(self, record: ClusterRecord) -> str | None:
         """Why some of a live cluster's processes wait to run, as its backend says."""
-        return None if record.status.terminal else self.backend.waiting(record.id)
+        if record.status.terminal or record.status == Status.QUEUED:
+            return None
+        return self.backend.waiting(record.id)
 
     async def get(self, tenant: Tenant, cluster_id: str) -> ClusterRecord:
         if not re.fullmatch(CLUSTER_ID_PATTERN, cluster_id):
@@ -201,10 +210,16 @@ class ClusterService:
             environment=request.environment,
             credentials=credentials,
         )
-        record = await self.records.admit(record, tenant.quota)
-        cluster_log(logger, tenant.name, record.id).info(
-            "created project=%s workers=%d adaptive=%s", record.project, size.workers,
-            record.adaptive)
+        queue = tenant.queue if request.queue is None else request.queue
+        record, reason = await self.records.admit(record, tenant.quota, self.pool, queue)
+        log = cluster_log(logger, tenant.name, record.id)
+        if reason is not None:
+            log.info("queued project=%s workers=%d reason=%r", record.project, size.workers,
+                     reason)
+            self.queue.note(record, reason)
+            return record
+        log.info("created project=%s workers=%d adaptive=%s", record.project, size.workers,
+                 record.adaptive)
         self.reconciler.ensure(record)
         return record
 
@@ -218,8 +233,8 @@ class ClusterService:
         await self._live(tenant, cluster_id)
         size = fixed_size(tenant, workers)
         record = await self.records.resize(
-            cluster_id, tenant.quota, size.workers, adaptive_minimum=None, adaptive_maximum=None
-        )
+            cluster_id, tenant.quota, size.workers, pool=self.pool, adaptive_minimum=None,
+            adaptive_maximum=None)
         self.reconciler.ensure(record)
         return record
 
@@ -230,9 +245,8 @@ class ClusterService:
             maximum = max(minimum, largest(tenant, record))
         size = adaptive_size(tenant, minimum, maximum, current=record.workers_requested)
         record = await self.records.resize(
-            cluster_id, tenant.quota, size.workers, adaptive_minimum=size.adaptive_minimum,
-            adaptive_maximum=size.adaptive_maximum,
-        )
+            cluster_id, tenant.quota, size.workers, pool=self.pool,
+            adaptive_minimum=size.adaptive_minimum, adaptive_maximum=size.adaptive_maximum)
         self.reconciler.ensure(record)
         return record
 
@@ -240,7 +254,8 @@ class ClusterService:
         record = await self.get(tenant, cluster_id)
         if record.status.terminal or record.stop_wanted:
             return record
-        if record.status == Status.PENDING and record.id not in self.reconciler.runners:
+        if record.status == Status.QUEUED or (
+                record.status == Status.PENDING and record.id not in self.reconciler.runners):
             return await self.records.end(cluster_id, Outcome(StopReason.USER))
         record = await self.records.update(cluster_id, wanted=Wanted.STOPPED,
                                            stop_reason=StopReason.USER)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from provisioner.sizes import parse_bytes
 
 
 class Settings(BaseSettings):
@@ -68,6 +70,10 @@ class Settings(BaseSettings):
     local_sandbox: Literal["auto", "on", "off"] = "auto"
     #: Tenants' local cluster processes run as uids above this one, one per tenant.
     local_uid_base: int = Field(default=1_700_000_000, ge=1000, le=2**31 - 2**20)
+    #: The capacity all tenants' clusters share (unset: only tenants' quotas limit them). A
+    #: create past it (or past its tenant's quota) waits in a queue, unless it says not to.
+    capacity_cores: float | None = Field(default=None, gt=0)
+    capacity_memory: Annotated[int, BeforeValidator(parse_bytes), Field(gt=0)] | None = None
     #: Seconds a scheduler may take to come up before the cluster is failed.
     start_timeout: float = Field(default=120, gt=0)
     #: Seconds a scale-down must stay wanted before adaptive workers are retired.

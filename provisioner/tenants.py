@@ -95,6 +95,11 @@ class Tenant(BaseModel):
     slurm_account: str | None = Field(default=None, pattern=SLURM_NAME)
     slurm_partition: str | None = Field(default=None, pattern=SLURM_NAME)
     slurm_qos: str | None = Field(default=None, pattern=SLURM_NAME)
+    #: A create that does not fit now waits in the queue (201, status queued) unless this is
+    #: false or the request says ``queue: false`` (403, as before queues).
+    queue: bool = True
+    #: Its weight in the fair order of the queue (a tenant of weight 2 may hold twice as much).
+    weight: float = Field(default=1.0, gt=0)
     env: dict[str, str] = {}
 
     @model_validator(mode="before")

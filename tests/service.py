@@ -39,8 +39,9 @@ def free_port() -> int:
 
 def tenant(name: str, cores: float = 6, memory: int = 8 * GiB, clusters: int = 4,
            workers_per_cluster: int | None = None, env: dict[str, str] | None = None,
-           **defaults: Any) -> dict[str, Any]:
-    """A tenants-file entry whose token is ``token-<name>``; small processes by default."""
+           queue: bool = False, **defaults: Any) -> dict[str, Any]:
+    """A tenants-file entry whose token is ``token-<name>``; small processes by default.
+    Creates past its quota are refused (403) unless ``queue``: most tests check refusals."""
     base = {"worker_cores": 1, "worker_memory": 512 * MiB, "scheduler_cores": 0.5,
             "scheduler_memory": 256 * MiB, "idle_timeout": 1800, "no_client_timeout": 1800}
     base.update(defaults)
@@ -48,7 +49,7 @@ def tenant(name: str, cores: float = 6, memory: int = 8 * GiB, clusters: int = 4
     if workers_per_cluster is not None:
         quota["workers_per_cluster"] = workers_per_cluster
     entry = {"name": name, "token_sha256": hash_token(f"token-{name}"), "quota": quota,
-             "defaults": base}
+             "defaults": base, "queue": queue}
     if env:
         entry["env"] = env
     return entry

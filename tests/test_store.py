@@ -60,7 +60,7 @@ async def test_concurrent_admission_never_exceeds_quota(store: Store) -> None:
 
 async def test_concurrent_resizes_stay_within_quota(store: Store) -> None:
     quota = Quota(cores=12, memory=100 * GiB, clusters=5)
-    ids = [(await store.admit(fresh(workers=0), quota)).id for _ in range(3)]  # 3 cores
+    ids = [(await store.admit(fresh(workers=0), quota))[0].id for _ in range(3)]  # 3 cores
 
     async def grow(cluster_id: str, n: int) -> None:
         try:
@@ -81,7 +81,7 @@ async def test_records_survive_reopen_and_transitions_are_checked(tmp_path: Path
     key = keyring()
     s = Store(url, key)
     await s.open(["t"])
-    rec = await s.admit(fresh(), Quota(cores=4, memory=8 * GiB))
+    rec, _ = await s.admit(fresh(), Quota(cores=4, memory=8 * GiB))
     await s.update(rec.id, status=Status.STARTING, backend_state={"scheduler": {"pid": 1}})
     with pytest.raises(ValueError):
         await s.update(rec.id, status=Status.PENDING)
@@ -104,7 +104,7 @@ async def test_cache_follows_commit_order_when_writes_finish_out_of_order(
     made slow to return. The cache must still end with what the database holds, or a cluster
     the store has ended would keep holding quota in memory."""
     records = Records(store)
-    rec = await records.admit(fresh(workers=0), Quota(cores=4, memory=8 * GiB))
+    rec, _ = await records.admit(fresh(workers=0), Quota(cores=4, memory=8 * GiB))
     await records.update(rec.id, status=Status.STARTING)
     await records.update(rec.id, status=Status.RUNNING)
     original = store._update
@@ -163,14 +163,14 @@ async def test_credentials_are_sealed_in_the_database(store: Store) -> None:
 
     rec = fresh()
     creds = cluster_credentials(rec.id)
-    rec = await store.admit(replace(rec, credentials=creds), Quota(cores=4, memory=8 * GiB))
+    rec, _ = await store.admit(replace(rec, credentials=creds), Quota(cores=4, memory=8 * GiB))
     raw = _raw_credentials(store, rec.id)
     assert isinstance(raw, str) and "PRIVATE KEY" not in raw and "BEGIN" not in raw
     assert (await store.get(rec.id)).credentials == creds
     # Writes that do not change them leave them sealed; a --no-tls cluster has none.
     await store.update(rec.id, status=Status.STARTING)
     assert _raw_credentials(store, rec.id) == raw
-    plain = await store.admit(fresh(), Quota(cores=4, memory=8 * GiB))
+    plain, _ = await store.admit(fresh(), Quota(cores=4, memory=8 * GiB))
     assert _raw_credentials(store, plain.id) == {} and (await store.get(plain.id)).credentials == {}
 
 
@@ -202,7 +202,7 @@ async def test_another_key_is_refused_at_start_and_changes_nothing(tmp_path: Pat
     first = Store(url, keyring())
     await first.open(["t"])
     rec = fresh()
-    rec = await first.admit(replace(rec, credentials=cluster_credentials(rec.id)),
+    rec, _ = await first.admit(replace(rec, credentials=cluster_credentials(rec.id)),
                             Quota(cores=4, memory=8 * GiB))
     await first.close()
     other = Store(url, Keyring(Fernet.generate_key(), "PROVISIONER_SECRET_KEY"))

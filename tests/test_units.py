@@ -196,7 +196,8 @@ def test_every_serve_option_is_a_setting_its_variable_sets(monkeypatch: pytest.M
     samples = {"host": "0.0.0.0", "port": "9", "tenants": "t.yaml", "state": "sqlite:///x.db",
                "data_dir": "d", "secret_key_file": "k", "backend": "mesos",
                "mesos_master": "m:5050", "mesos_command": "run", "slurm_partition": "gpu",
-               "slurm_folder": "shared/jobs", "keep_clusters": "true",
+               "slurm_folder": "shared/jobs", "capacity_cores": "8", "capacity_memory": "16GiB",
+               "keep_clusters": "true",
                "tls": "false", "max_connections": "7", "header_timeout": "3",
                "body_timeout": "4", "public_url": "https://p.example", "log_level": "debug"}
     assert set(samples) == set(options)

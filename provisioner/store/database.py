@@ -25,6 +25,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+#: PostgreSQL advisory lock key of the shared pool's admissions ("dpPOOL").
+POOL_LOCK = 0x6470504F4F4C
+
+
 class StoreError(Exception):
     """The state URL cannot be used; the message says why."""
 
@@ -86,13 +90,18 @@ class Database:
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     @contextlib.contextmanager
-    def _tx(self, lock_tenant: str | None = None, write: bool = False) -> Iterator[Connection]:
+    def _tx(self, lock_tenant: str | None = None, write: bool = False,
+            lock_pool: bool = False) -> Iterator[Connection]:
         """A transaction; writers take SQLite's write lock up front (a deferred reader that
-        later writes can fail at once with "database is locked" instead of waiting)."""
+        later writes can fail at once with "database is locked" instead of waiting).
+        ``lock_pool``: one writer at a time across tenants (the shared pool's fit): SQLite's
+        write lock is that already; on PostgreSQL a transaction advisory lock."""
         with self.engine.connect() as conn:
-            if (lock_tenant or write) and self._sqlite:
+            if (lock_tenant or write or lock_pool) and self._sqlite:
                 conn.info["immediate"] = True
             with conn.begin():
+                if lock_pool and not self._sqlite:
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": POOL_LOCK})
                 if lock_tenant and not self._sqlite:
                     conn.execute(
                         sa.select(tenants_table.c.name)

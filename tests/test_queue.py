@@ -1,0 +1,118 @@
+"""Queue instead of refuse: a create that does not fit the shared pool (or its tenant's quota)
+waits, holding nothing, and is admitted in fair order as room frees; a real service with real
+clusters on the local backend.
+
+Clusters here are a scheduler of 0.5 core and a worker of 1 (1.5 cores); the pool has 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tests.service import ServiceProcess, tenant, wait_until
+
+MakeService = Callable[..., ServiceProcess]
+
+
+def post(svc: ServiceProcess, name: str, **body: Any) -> dict[str, Any]:
+    with svc.client(name) as http:
+        r = http.post("/clusters", json={"workers": 1, **body})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def status(svc: ServiceProcess, name: str, cluster_id: str) -> dict[str, Any]:
+    return svc.get_cluster(name, cluster_id)
+
+
+def delete(svc: ServiceProcess, name: str, cluster_id: str) -> dict[str, Any]:
+    with svc.client(name) as http:
+        r = http.delete(f"/clusters/{cluster_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def running(svc: ServiceProcess, name: str, cluster_id: str) -> bool:
+    return status(svc, name, cluster_id)["status"] == "running"
+
+
+def test_pool_queue_fair_order_delete_and_restart(make_service: MakeService) -> None:
+    tenants = [tenant("a", cores=8, queue=True), tenant("b", cores=8, queue=True),
+               tenant("c", cores=8)]  # c refuses rather than queue (its setting)
+    svc = make_service(tenants, args=["--capacity-cores", "3"]).start()
+    a1, a2 = post(svc, "a"), post(svc, "a")
+    wait_until(lambda: running(svc, "a", a1["id"]) and running(svc, "a", a2["id"]),
+               what="a's two clusters")
+    # The pool is full: more waits, holding nothing.
+    a3 = post(svc, "a")
+    assert a3["status"] == "queued" and a3["queue_position"] == 1, a3
+    assert a3["waiting_for"].startswith("pool full: cores 1.5 requested, 0 of 3 free")
+    a4 = post(svc, "a")
+    b1 = post(svc, "b")
+    # b holds nothing and a holds the whole pool: b goes first, then a's in their order.
+    wait_until(lambda: status(svc, "b", b1["id"])["queue_position"] == 1, what="b first")
+    assert [status(svc, "a", c["id"])["queue_position"] for c in (a3, a4)] == [2, 3]
+    with svc.client("a") as http:
+        usage = http.get("/tenants/me").json()["usage"]
+        assert usage["clusters"] == 2 and usage["cores"] == 3, "queued clusters hold nothing"
+    # Refused rather than queued: by the request, and by c's own setting.
+    with svc.client("a") as http:
+        r = http.post("/clusters", json={"workers": 1, "queue": False})
+        assert r.status_code == 403 and "pool full" in r.json()["detail"], r.text
+    with svc.client("c") as http:
+        r = http.post("/clusters", json={"workers": 1})
+        assert r.status_code == 403 and "pool full" in r.json()["detail"], r.text
+        r = http.post("/clusters", json={"workers": 1, "queue": True})
+        assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        c1 = r.json()
+
+    # A queued cluster can be deleted: it ends at once, nothing ever ran.
+    gone = delete(svc, "a", a4["id"])
+    assert gone["status"] == "stopped" and gone["outcome"]["reason"] == "user"
+
+    # The queue survives a restart (SIGKILL): same order after.
+    svc.kill()
+    svc.start()
+    wait_until(lambda: status(svc, "b", b1["id"])["queue_position"] == 1, what="b first again")
+    assert status(svc, "a", a3["id"])["status"] == "queued"
+    assert running(svc, "a", a1["id"]), "running clusters are re-adopted"
+
+    # Room frees: b (the smallest share) is admitted and runs; a's waits on.
+    delete(svc, "a", a1["id"])
+    wait_until(lambda: running(svc, "b", b1["id"]), what="b admitted and running")
+    assert status(svc, "a", a3["id"])["status"] == "queued"
+    # c holds nothing, a half the pool: c is next, ahead of a's older cluster.
+    wait_until(lambda: status(svc, "c", c1["id"])["queue_position"] == 1, what="c next")
+    assert status(svc, "a", a3["id"])["queue_position"] == 2
+    delete(svc, "b", b1["id"])
+    wait_until(lambda: running(svc, "c", c1["id"]), what="c admitted")
+    assert status(svc, "a", a3["id"])["status"] == "queued"
+    delete(svc, "a", a2["id"])
+    wait_until(lambda: running(svc, "a", a3["id"]), what="a's queued cluster admitted at last")
+    for name, c in (("a", a3), ("c", c1)):
+        delete(svc, name, c["id"])
+
+
+def test_a_tenant_past_its_own_quota_queues_for_itself(make_service: MakeService) -> None:
+    svc = make_service([tenant("solo", cores=2, clusters=2, queue=True)]).start()
+    first = post(svc, "solo")
+    second = post(svc, "solo")
+    assert second["status"] == "queued"
+    assert second["waiting_for"].startswith("quota exceeded: cores 1.5 requested, 0.5 of 2 free")
+    # As many may wait as its quota of clusters could run; more are refused.
+    third = post(svc, "solo")
+    assert third["status"] == "queued" and third["queue_position"] == 2
+    with svc.client("solo") as http:
+        r = http.post("/clusters", json={"workers": 1})
+    assert r.status_code == 403 and "queue full" in r.json()["detail"], r.text
+    # A scale of a queued cluster changes what it will ask for, nothing else.
+    with svc.client("solo") as http:
+        r = http.post(f"/clusters/{second['id']}/scale", json={"workers": 0})
+    assert r.status_code == 200 and r.json()["status"] == "queued"
+    delete(svc, "solo", first["id"])
+    wait_until(lambda: running(svc, "solo", second["id"]), what="second admitted")
+    assert status(svc, "solo", second["id"])["workers"]["requested"] == 0
+    wait_until(lambda: running(svc, "solo", third["id"]), what="third admitted too")
+    for c in (second, third):
+        delete(svc, "solo", c["id"])
