@@ -81,7 +81,8 @@ def _adaptive(info: ClusterInfo) -> str:
 
 
 def _status(status: str) -> str:
-    colour = {"running": "green", "failed": "red", "stopped": "dim", "stopping": "yellow"}.get(status)
+    colour = {"running": "green", "failed": "red", "stopped": "dim", "stopping": "yellow",
+              "queued": "yellow"}.get(status)
     return f"[{colour}]{status}[/{colour}]" if colour else status
 
 
@@ -124,6 +125,7 @@ def cluster_table(info: ClusterInfo) -> Table:
         ("idle timeout", f"{info.idle_timeout:g}s" if info.idle_timeout is not None else "-"),
         ("created", _when(info.created_at)), ("stopped", _when(info.stopped_at)),
         ("stop reason", info.stop_reason or "-"),
+        ("waiting", info.why_waiting or "-"),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -155,8 +157,9 @@ def wait_ready(prov: Provisioner, info: ClusterInfo, timeout: float, show: bool 
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                why = f"; {info.why_waiting}" if info.why_waiting else ""
                 problem = (f"cluster {info.id} not ready after {timeout:g}s (status {info.status}, "
-                           f"workers {info.workers_running} of {info.workers_requested}); "
+                           f"workers {info.workers_running} of {info.workers_requested}{why}); "
                            f"see: provisioner clusters show {info.id}")
                 break
             if info.status == "running":
@@ -165,7 +168,8 @@ def wait_ready(prov: Provisioner, info: ClusterInfo, timeout: float, show: bool 
             else:
                 info = prov.get_cluster(info.id, wait=min(2.0, remaining))
             stage = (f"scheduler up at {info.scheduler_address}; workers"
-                     if info.status == "running" else info.status)
+                     if info.status == "running" else
+                     f"{info.status} ({info.why_waiting})" if info.why_waiting else info.status)
             progress.update(task, description=f"{info.id}: {stage}",
                             total=max(info.workers_requested, 1),
                             completed=info.workers_running if info.status == "running" else 0)

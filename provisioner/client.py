@@ -137,6 +137,11 @@ class ClusterInfo:
     created_at: float | None = None
     stopped_at: float | None = None
     stop_reason: str | None = None
+    #: While queued: its place (1: next) and what it waits for; while its processes wait in a
+    #: batch queue (Slurm): why.
+    queue_position: int | None = None
+    waiting_for: str | None = None
+    waiting: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -162,12 +167,23 @@ class ClusterInfo:
             created_at=data.get("created_at"),
             stopped_at=data.get("stopped_at"),
             stop_reason=data.get("stop_reason"),
+            queue_position=data.get("queue_position"),
+            waiting_for=data.get("waiting_for"),
+            waiting=data.get("waiting"),
             raw=dict(data),
         )
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def why_waiting(self) -> str | None:
+        """Why it is not running yet, in one line (None when nothing says)."""
+        if self.status == "queued":
+            place = f"#{self.queue_position} in the queue" if self.queue_position else "queued"
+            return f"{place}: {self.waiting_for}" if self.waiting_for else place
+        return self.waiting
 
     @property
     def name(self) -> str:
@@ -354,7 +370,8 @@ class Provisioner(SyncMethodMixin):
             remaining = deadline - time.monotonic()
             if info is not None and remaining <= 0:
                 raise ProvisionerError(
-                    f"cluster {cluster_id} not running after {timeout:g}s (status {info.status})")
+                    f"cluster {cluster_id} not running after {timeout:g}s (status {info.status}"
+                    + (f"; {info.why_waiting}" if info.why_waiting else "") + ")")
             info = await self._get(cluster_id, wait=max(1.0, min(MAX_POLL, remaining)))
         return info
 

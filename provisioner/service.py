@@ -152,7 +152,7 @@ class ClusterService:
     ) -> tuple[list[ClusterRecord], str | None]:
         """One page of the tenant's clusters, newest first (``live``: only those not ended),
         and the id to pass as ``after`` for the next page (None on the last)."""
-        statuses = [status] if status else list(LIVE) if live else None
+        statuses = [status] if status else [Status.QUEUED, *LIVE] if live else None
         try:
             records = await self.store.clusters(tenant.name, statuses, project,
                                                 None if limit is None else limit + 1, after)

@@ -7,8 +7,13 @@ Clusters here are a scheduler of 0.5 core and a worker of 1 (1.5 cores); the poo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from tests.service import ServiceProcess, tenant, wait_until
 
@@ -106,6 +111,21 @@ def test_a_tenant_past_its_own_quota_queues_for_itself(make_service: MakeService
     with svc.client("solo") as http:
         r = http.post("/clusters", json={"workers": 1})
     assert r.status_code == 403 and "queue full" in r.json()["detail"], r.text
+    # The SDK and the CLI say why it waits; a live listing shows queued clusters.
+    from provisioner.client import Provisioner, ProvisionerError
+
+    with Provisioner(svc.url, "token-solo") as p:
+        info = p.get_cluster(second["id"])
+        assert info.why_waiting == f"#1 in the queue: {second['waiting_for']}"
+        assert {c.id for c in p.list_clusters()} == {first["id"], second["id"], third["id"]}
+        with pytest.raises(ProvisionerError, match=r"status queued; #2 in the queue: behind"):
+            p.connect(third["id"], timeout=1)
+    shown = subprocess.run(
+        [sys.executable, "-m", "provisioner.cli", "clusters", "show", second["id"]],
+        env={**os.environ, "PROVISIONER_URL": svc.url, "PROVISIONER_TOKEN": "token-solo",
+             "COLUMNS": "200"}, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "waiting" in shown.stdout and "#1 in the queue: quota exceeded" in shown.stdout
     # A scale of a queued cluster changes what it will ask for, nothing else.
     with svc.client("solo") as http:
         r = http.post(f"/clusters/{second['id']}/scale", json={"workers": 0})
