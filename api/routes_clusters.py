@@ -15,6 +15,8 @@ from api.schemas import (
     ClusterOut,
     Credentials,
     ErrorOut,
+    EventList,
+    EventOut,
     ScaleRequest,
 )
 from api.urls import public_base
@@ -92,6 +94,14 @@ async def get_cluster(
     if wait:
         return _out(service, await service.wait(tenant, cluster_id, wait), base)
     return _out(service, await service.get(tenant, cluster_id), base)
+
+
+@router.get("/{cluster_id}/events", response_model=EventList,
+            responses={404: {"model": ErrorOut}})
+async def cluster_events(cluster_id: str, tenant: TenantDep, service: ServiceDep) -> EventList:
+    """What happened to the cluster and why, oldest first (its last 500 events)."""
+    return EventList(events=[EventOut(at=e.at, kind=e.kind, detail=e.detail)
+                             for e in await service.events(tenant, cluster_id)])
 
 
 @router.post("/{cluster_id}/scale", response_model=ClusterOut,

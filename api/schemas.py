@@ -142,6 +142,17 @@ class ClusterOut(BaseModel):
         )
 
 
+class EventOut(BaseModel):
+    at: float
+    kind: str = Field(description="created, queued, admitted, running, scaled, worker-lost, "
+                                  "stopping, stopped, failed")
+    detail: str | None = Field(description="why, in the service's words")
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
 class EnvironmentOut(BaseModel):
     name: str
     image: str | None

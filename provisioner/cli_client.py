@@ -274,6 +274,21 @@ def show(cluster_id: ClusterId, url: Url = None, token: Token = None, as_json: A
 
 
 @clusters_app.command()
+def events(cluster_id: ClusterId, url: Url = None, token: Token = None,
+           as_json: AsJson = False) -> None:
+    """What happened to a cluster and why, oldest first."""
+    with service(url, token) as prov:
+        found = prov.events(cluster_id)
+    if as_json:
+        _print_json(found)
+        return
+    for event in found:
+        detail = f"  {event['detail']}" if event.get("detail") else ""
+        out.print(f"{_when(event['at'])}  {event['kind']}{detail}", highlight=False,
+                  markup=False)
+
+
+@clusters_app.command()
 def dashboard(
     cluster_id: ClusterId,
     url: Url = None,

@@ -439,6 +439,16 @@ class Provisioner(SyncMethodMixin):
         """One cluster's record; ``wait`` long-polls until it runs or ends."""
         return self._sync(self._get, cluster_id, wait)
 
+    def events(self, cluster_id: str) -> Any:
+        """What happened to the cluster and why, oldest first: dicts of ``at`` (epoch
+        seconds), ``kind`` (queued, admitted, running, scaled, worker-lost, stopped, ...) and
+        ``detail``."""
+        return self._sync(self._events, cluster_id)
+
+    async def _events(self, cluster_id: str) -> list[dict[str, Any]]:
+        data = await self._request("GET", f"/clusters/{cluster_id}/events")
+        return list(data.get("events") or [])
+
     def create_cluster(self, wait: float = 0, **options: Any) -> Any:
         """Only ask for a cluster (no connection): for scripts and the CLI."""
         return self._sync(self._create, options, wait)

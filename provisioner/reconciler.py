@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from clusters.base import BACKEND_KEY, Backend, ClusterSpec, LaunchError, Outcome
@@ -371,6 +371,8 @@ class Reconciler:
         self.runners: dict[str, ClusterRunner] = {}
         #: Counts backend failures by kind (set by the service to its metrics).
         self.on_backend_error: Any = None
+        #: Told of every worker lost: (cluster id, worker name, reason).
+        self.on_worker_lost: Callable[[str, str, str], None] = lambda *_: None
         #: Stops of what a lost scheduler left, going on in the background.
         self._stopping: set[asyncio.Task[None]] = set()
 
@@ -465,6 +467,7 @@ class Reconciler:
         runner = self.runners.get(cluster_id)
         if runner is not None:
             runner.log.info("worker lost name=%s reason=%r", name, reason)
+            self.on_worker_lost(cluster_id, name, reason)
             runner.worker_lost(name, reason)
 
     def _backend_key(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from clusters.base import Backend
 from clusters.logs import cluster_log
 from provisioner.admission import InvalidRequest, adaptive_size, fixed_size, largest
+from provisioner.events import EventRecorder
 from provisioner.metrics import Metrics
 from provisioner.models import (
     CLUSTER_ID_PATTERN,
@@ -31,7 +32,7 @@ from provisioner.quota import OverQuota, Pool, Usage
 from provisioner.reconciler import Reconciler
 from provisioner.records import Records
 from provisioner.settings import Settings
-from provisioner.store import NotFound, Store
+from provisioner.store import Event, NotFound, Store
 from provisioner.tenants import Tenant, TenantDirectory
 from provisioner.tls import cluster_credentials
 
@@ -92,10 +93,18 @@ class ClusterService:
         self.backend = backend
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
         self.pool = Pool(settings.capacity_cores, settings.capacity_memory)
-        self.queue = AdmissionQueue(self.records, tenants, self.pool, self.reconciler.ensure)
+        self.recorder = EventRecorder(self.records, store)
+        self.queue = AdmissionQueue(self.records, tenants, self.pool, self._admitted)
+        self.reconciler.on_worker_lost = lambda cluster_id, name, reason: self.recorder.add(
+            cluster_id, "worker-lost", f"{name}: {reason}")
         self.metrics = Metrics(self.records, tenants)
         self.reconciler.on_backend_error = self.metrics.backend_errors.labels
         self._stopped = False
+
+    def _admitted(self, record: ClusterRecord) -> None:
+        """The queue admitted a cluster: it starts."""
+        self.recorder.add(record.id, "admitted")
+        self.reconciler.ensure(record)
 
     async def start(self) -> None:
         await self.store.open([t.name for t in self.tenants])
@@ -125,6 +134,7 @@ class ClusterService:
             if len(done) < len(live):
                 logger.warning("shutdown: could not confirm the end of: %s",
                                " ".join(sorted(set(live) - set(done))))
+        await self.recorder.flush()
         await self.store.close()
 
     # -- queries ---------------------------------------------------------------------------
@@ -168,6 +178,12 @@ class ClusterService:
         return await self.records.wait_for(
             cluster_id, lambda r: r.status == Status.RUNNING, timeout
         )
+
+    async def events(self, tenant: Tenant, cluster_id: str) -> list[Event]:
+        """What happened to one of the tenant's clusters, oldest first."""
+        await self.get(tenant, cluster_id)  # another tenant's: NotFound
+        await self.recorder.flush()
+        return await self.store.events(cluster_id)
 
     async def usage(self, tenant: Tenant) -> Usage:
         return await self.records.usage(tenant.name)
@@ -216,10 +232,12 @@ class ClusterService:
         if reason is not None:
             log.info("queued project=%s workers=%d reason=%r", record.project, size.workers,
                      reason)
+            self.recorder.add(record.id, "queued", reason)
             self.queue.note(record, reason)
             return record
         log.info("created project=%s workers=%d adaptive=%s", record.project, size.workers,
                  record.adaptive)
+        self.recorder.add(record.id, "created", f"{size.workers} worker(s)")
         self.reconciler.ensure(record)
         return record
 

@@ -76,6 +76,14 @@ def test_pool_queue_fair_order_delete_and_restart(make_service: MakeService) -> 
     gone = delete(svc, "a", a4["id"])
     assert gone["status"] == "stopped" and gone["outcome"]["reason"] == "user"
 
+    def kinds(name: str, cluster_id: str) -> list[tuple[str, str | None]]:
+        with svc.client(name) as http:
+            r = http.get(f"/clusters/{cluster_id}/events")
+        assert r.status_code == 200, r.text
+        return [(e["kind"], e["detail"]) for e in r.json()["events"]]
+
+    assert [k for k, _ in kinds("a", a4["id"])] == ["queued", "stopping", "stopped"]
+
     # The queue survives a restart (SIGKILL): same order after.
     svc.kill()
     svc.start()
@@ -97,6 +105,22 @@ def test_pool_queue_fair_order_delete_and_restart(make_service: MakeService) -> 
     wait_until(lambda: running(svc, "a", a3["id"]), what="a's queued cluster admitted at last")
     for name, c in (("a", a3), ("c", c1)):
         delete(svc, name, c["id"])
+
+    # What happened, and why: the queued-then-admitted (across a restart).
+    wait_until(lambda: kinds("b", b1["id"])[-1][0] == "stopped", what="b's end recorded")
+    b_events = kinds("b", b1["id"])
+    assert [k for k, _ in b_events] == ["queued", "admitted", "running", "stopping", "stopped"]
+    assert b_events[0][1].startswith("pool full: cores 1.5 requested")
+    assert b_events[-1][1] == "user"
+    assert [k for k, _ in kinds("a", a1["id"])][:2] == ["created", "running"]
+    with svc.client("b") as http:  # another tenant's cluster is not found
+        assert http.get(f"/clusters/{a1['id']}/events").status_code == 404
+    shown = subprocess.run(
+        [sys.executable, "-m", "provisioner.cli", "clusters", "events", b1["id"]],
+        env={**os.environ, "PROVISIONER_URL": svc.url, "PROVISIONER_TOKEN": "token-b"},
+        capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "admitted" in shown.stdout and "pool full" in shown.stdout
 
 
 def test_a_tenant_past_its_own_quota_queues_for_itself(make_service: MakeService) -> None:

@@ -65,6 +65,18 @@ usage_table = sa.Table(
     sa.Column("end", sa.Float, index=True),
 )
 
+#: What happened to each cluster and why, for people: kept as long as its record. (A table
+#: new in a release is made by ``create_all`` at start; changes to tables are migration steps.)
+events_table = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster_id", sa.String(32), nullable=False, index=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
 meta_table = sa.Table(
     "meta",
     metadata,
