@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status
+from provisioner.preemption import Take, plan, within_guarantee
 from provisioner.quota import Pool, Usage
 from provisioner.records import Records
 from provisioner.tenants import Tenant, TenantDirectory
@@ -38,11 +41,17 @@ def dominant_share(usage: Usage, tenant: Tenant, pool: Pool) -> float:
 
 class AdmissionQueue:
     def __init__(self, records: Records, tenants: TenantDirectory, pool: Pool,
-                 admitted: Callable[[ClusterRecord], None]) -> None:
+                 admitted: Callable[[ClusterRecord], None], preemption_delay: float = 30.0,
+                 preempted: Callable[[ClusterRecord, int, str], None] = lambda *_: None,
+                 ) -> None:
         self.records = records
         self.tenants = tenants
         self.pool = pool
         self.admitted = admitted
+        self.preemption_delay = preemption_delay
+        self.preempted = preempted
+        #: Per queued cluster within its guarantee: when, and which borrowed workers go.
+        self._preempting: dict[str, tuple[float, list[Take]]] = {}
         #: Each queued cluster's place (1: next) and why it waits, as of the last pass.
         self.positions: dict[str, int] = {}
         self.reasons: dict[str, str] = {}
@@ -115,6 +124,13 @@ class AdmissionQueue:
             head = lines[name][0]
             promoted, reason = await self.records.promote(head.id, tenant.quota, self.pool)
             if promoted is None and reason is not None:
+                if await self._preempt_for(head, tenant):
+                    continue  # borrowed workers went: try it again now
+                pending = self._preempting.get(head.id)
+                if pending is not None:
+                    wait = max(0.0, pending[0] - time.monotonic())
+                    taken = sum(t.workers for t in pending[1])
+                    reason += f"; taking {taken} borrowed worker(s) back in {wait:.0f}s"
                 reasons[head.id] = reason
                 blocked.add(name)
                 continue
@@ -125,7 +141,50 @@ class AdmissionQueue:
                 cluster_log(logger, name, promoted.id).info("admitted from the queue")
                 self.admitted(promoted)
         self._place(lines, shares, reasons)
+        for cluster_id in set(self._preempting) - set(self.positions):
+            del self._preempting[cluster_id]  # admitted or gone meanwhile
         return admitted
+
+    async def _preempt_for(self, head: ClusterRecord, tenant: Tenant) -> bool:
+        """For a queued cluster within its tenant's guarantee: plan which borrowed workers
+        go, and once the delay is over shrink their clusters (whose runners retire them
+        through Dask). True when workers went now."""
+        if not self.pool.limited or not within_guarantee(
+                tenant, await self.records.usage(tenant.name), head):
+            self._preempting.pop(head.id, None)
+            return False
+        pending = self._preempting.get(head.id)
+        if pending is None:
+            live = [r for r in self.records.live() if r.status != Status.QUEUED]
+            takes = plan(head, self.pool, Usage.of(live), live,
+                         {t.name: t for t in self.tenants})
+            if not takes:
+                return False
+            deadline = time.monotonic() + self.preemption_delay
+            self._preempting[head.id] = (deadline, takes)
+            asyncio.get_running_loop().call_later(self.preemption_delay + 0.05, self.kick)
+            cluster_log(logger, head.tenant, head.id).info(
+                "preempting in %gs: %s", self.preemption_delay,
+                " ".join(f"{t.cluster_id}:{t.workers}" for t in takes))
+            return False
+        deadline, takes = pending
+        if time.monotonic() < deadline:
+            return False
+        del self._preempting[head.id]
+        for take in takes:
+            victim = self.records.cached(take.cluster_id)
+            owner = self.tenants.get(take.tenant)
+            if victim is None or owner is None or victim.status.terminal or victim.stop_wanted:
+                continue
+            workers = max(0, victim.workers_requested - take.workers)
+            changes: dict[str, Any] = {}
+            if victim.adaptive_minimum:
+                changes["adaptive_minimum"] = min(victim.adaptive_minimum, workers)
+            shrunk = await self.records.resize(victim.id, owner.quota, workers, **changes)
+            cluster_log(logger, victim.tenant, victim.id).info(
+                "preempted workers=%d for tenant=%s", take.workers, head.tenant)
+            self.preempted(shrunk, take.workers, head.tenant)
+        return True
 
     def _place(self, lines: dict[str, deque[ClusterRecord]], shares: dict[str, float],
                reasons: dict[str, str]) -> None:

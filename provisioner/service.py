@@ -94,7 +94,10 @@ class ClusterService:
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
         self.pool = Pool(settings.capacity_cores, settings.capacity_memory)
         self.recorder = EventRecorder(self.records, store)
-        self.queue = AdmissionQueue(self.records, tenants, self.pool, self._admitted)
+        self.queue = AdmissionQueue(
+            self.records, tenants, self.pool, self._admitted, settings.preemption_delay,
+            lambda record, workers, tenant: self.recorder.add(
+                record.id, "preempted", f"{workers} worker(s) taken back for tenant {tenant}"))
         self.reconciler.on_worker_lost = lambda cluster_id, name, reason: self.recorder.add(
             cluster_id, "worker-lost", f"{name}: {reason}")
         self.metrics = Metrics(self.records, tenants)

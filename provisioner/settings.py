@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     #: create past it (or past its tenant's quota) waits in a queue, unless it says not to.
     capacity_cores: float | None = Field(default=None, gt=0)
     capacity_memory: Annotated[int, BeforeValidator(parse_bytes), Field(gt=0)] | None = None
+    #: Seconds between deciding to take borrowed workers back and retiring them.
+    preemption_delay: float = Field(default=30, ge=0)
     #: Seconds a scheduler may take to come up before the cluster is failed.
     start_timeout: float = Field(default=120, gt=0)
     #: Seconds a scale-down must stay wanted before adaptive workers are retired.

@@ -40,14 +40,32 @@ class TenantsFileError(Exception):
     """The tenants file cannot be used; the message says where and why."""
 
 
+class Guarantee(BaseModel):
+    """The part of a quota a tenant is sure to get: never preempted, and what it asks within
+    it takes borrowed workers back from others."""
+
+    model_config = ConfigDict(extra="forbid")
+    cores: float = Field(ge=0)
+    memory: Bytes
+
+
 class Quota(BaseModel):
-    """Totals across all of a tenant's live clusters, schedulers included."""
+    """Totals across all of a tenant's live clusters, schedulers included (the ceiling), and
+    optionally the guaranteed part of them; what it holds above that is borrowed."""
 
     model_config = ConfigDict(extra="forbid")
     cores: float = Field(gt=0)
     memory: Bytes
     clusters: int = Field(default=10, ge=1)
     workers_per_cluster: int | None = Field(default=None, ge=0)
+    guaranteed: Guarantee | None = None
+
+    @model_validator(mode="after")
+    def _guarantee_within(self) -> Quota:
+        g = self.guaranteed
+        if g is not None and (g.cores > self.cores + 1e-9 or g.memory > self.memory):
+            raise ValueError("guaranteed must not be more than the quota's cores and memory")
+        return self
 
 
 class Defaults(BaseModel):

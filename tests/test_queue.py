@@ -160,3 +160,62 @@ def test_a_tenant_past_its_own_quota_queues_for_itself(make_service: MakeService
     wait_until(lambda: running(svc, "solo", third["id"]), what="third admitted too")
     for c in (second, third):
         delete(svc, "solo", c["id"])
+
+
+def test_borrowed_workers_are_taken_back_gracefully(make_service: MakeService) -> None:
+    """Pool of 4 cores; a and b each guaranteed 2, ceiling 4; workers of half a core. a
+    borrows the whole pool; b asks within its guarantee: after the delay a's borrowed workers
+    are retired through Dask, b runs, and a's computation finishes right, its client still
+    connected. a, now at its guarantee, cannot take them back."""
+    from distributed import Client
+
+    def guaranteed(name: str) -> dict[str, Any]:
+        entry = tenant(name, cores=4, queue=True, worker_cores=0.5, worker_memory=256 * 2**20)
+        entry["quota"]["guaranteed"] = {"cores": 2, "memory": "4GiB"}
+        return entry
+
+    svc = make_service([guaranteed("a"), guaranteed("b")], args=["--capacity-cores", "4"],
+                       env={"PROVISIONER_PREEMPTION_DELAY": "2"}).start()
+    big = post(svc, "a", workers=7)
+    wait_until(lambda: status(svc, "a", big["id"])["workers"]["running"] == 7, timeout=90,
+               what="a's 7 workers")
+    big = status(svc, "a", big["id"])
+    with Client(big["scheduler_address"], security=svc.security("a", big["id"]),
+                timeout=30) as client:
+        client.wait_for_workers(7, timeout=60)
+
+        def slow_inc(x: int) -> int:
+            import time
+
+            time.sleep(0.25)
+            return x + 1
+
+        futures = client.map(slow_inc, range(80))
+        wanted = post(svc, "b", workers=3)
+        assert wanted["status"] == "queued", wanted
+        wait_until(lambda: "taking 4 borrowed worker(s) back" in (
+            status(svc, "b", wanted["id"])["waiting_for"] or ""), what="the plan, said")
+        wait_until(lambda: running(svc, "b", wanted["id"]), timeout=30, what="b admitted")
+        assert sum(client.gather(futures)) == sum(range(1, 81)), "a's computation completes"
+        assert client.status == "running", "a's client never disconnected"
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 3, what="a down to 3")
+    after = status(svc, "a", big["id"])
+    assert after["status"] == "running" and after["workers"]["requested"] == 3
+    with svc.client("a") as http:
+        events = http.get(f"/clusters/{big['id']}/events").json()["events"]
+    assert ("preempted", "4 worker(s) taken back for tenant b") in \
+        [(e["kind"], e["detail"]) for e in events]
+    wait_until(lambda: status(svc, "b", wanted["id"])["workers"]["running"] == 3,
+               what="b's workers")
+
+    # a, now at its guarantee, asks for more: it waits, and takes nothing back from b.
+    more = post(svc, "a", workers=0)
+    assert more["status"] == "queued"
+    import time
+
+    time.sleep(3)  # more than the delay
+    assert "taking" not in (status(svc, "a", more["id"])["waiting_for"] or "")
+    assert status(svc, "b", wanted["id"])["workers"]["requested"] == 3
+    assert status(svc, "a", more["id"])["status"] == "queued"
+    for name, c in (("a", more), ("a", big), ("b", wanted)):
+        delete(svc, name, c["id"])
