@@ -8,7 +8,7 @@ start and each stop is counted exactly once, whatever path caused it.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -25,6 +25,8 @@ class _Live(Collector):
     def __init__(self, records: Records, tenants: TenantDirectory) -> None:
         self.records = records
         self.tenants = tenants
+        #: How many clusters wait in the queue (set by the service to its queue's count).
+        self.queue_length: Callable[[], int] = lambda: 0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         clusters = GaugeMetricFamily("provisioner_clusters", "Live clusters by tenant and status",
@@ -35,22 +37,32 @@ class _Live(Collector):
                                   labels=["tenant", "kind"])
         memory = GaugeMetricFamily("provisioner_memory_bytes", "Memory held and quota by tenant",
                                    labels=["tenant", "kind"])
+        borrowed = GaugeMetricFamily("provisioner_borrowed_cores",
+                                     "Cores a tenant holds above its guaranteed part",
+                                     labels=["tenant"])
+        queued = GaugeMetricFamily("provisioner_queue_length", "Clusters waiting in the queue")
+        queued.add_metric([], self.queue_length())
         live = self.records.live()
         by_status = Tally((r.tenant, r.status.value) for r in live)
         by_tenant: dict[str, list[ClusterRecord]] = {}
         for r in live:
-            by_tenant.setdefault(r.tenant, []).append(r)
+            if r.status != Status.QUEUED:  # a queued cluster holds nothing
+                by_tenant.setdefault(r.tenant, []).append(r)
         for tenant in self.tenants:
             mine = by_tenant.get(tenant.name, [])
-            for status in LIVE:
+            for status in (Status.QUEUED, *LIVE):
                 clusters.add_metric([tenant.name, status.value], by_status[(tenant.name, status.value)])
+            guaranteed = tenant.quota.guaranteed
+            if guaranteed is not None:
+                borrowed.add_metric([tenant.name],
+                                    max(0.0, sum(r.cores for r in mine) - guaranteed.cores))
             workers.add_metric([tenant.name, "requested"], sum(r.workers_requested for r in mine))
             workers.add_metric([tenant.name, "running"], sum(r.workers_running for r in mine))
             cores.add_metric([tenant.name, "used"], sum(r.cores for r in mine))
             cores.add_metric([tenant.name, "quota"], tenant.quota.cores)
             memory.add_metric([tenant.name, "used"], sum(r.memory for r in mine))
             memory.add_metric([tenant.name, "quota"], tenant.quota.memory)
-        yield from (clusters, workers, cores, memory)
+        yield from (clusters, workers, cores, memory, borrowed, queued)
 
 
 class Metrics:
@@ -74,7 +86,17 @@ class Metrics:
             "provisioner_backend_errors", "Backend failures (scheduler or worker start, loss)",
             ["kind"], registry=self.registry,
         )
-        self.registry.register(_Live(records, tenants))
+        self.queue_wait = Histogram(
+            "provisioner_queue_wait_seconds", "From create request to admission, queued clusters",
+            ["tenant"], buckets=(*START_BUCKETS, 300, 900, 3600), registry=self.registry,
+        )
+        self.preemptions = Counter(
+            "provisioner_preempted_workers", "Borrowed workers taken back, by the tenant that "
+            "lost them and the tenant they went to", ["tenant", "for_tenant"],
+            registry=self.registry,
+        )
+        self.live = _Live(records, tenants)
+        self.registry.register(self.live)
         records.listeners.append(self.observe)
 
     def observe(self, before: ClusterRecord | None, after: ClusterRecord) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,20 +95,25 @@ class ClusterService:
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
         self.pool = Pool(settings.capacity_cores, settings.capacity_memory)
         self.recorder = EventRecorder(self.records, store)
-        self.queue = AdmissionQueue(
-            self.records, tenants, self.pool, self._admitted, settings.preemption_delay,
-            lambda record, workers, tenant: self.recorder.add(
-                record.id, "preempted", f"{workers} worker(s) taken back for tenant {tenant}"))
+        self.queue = AdmissionQueue(self.records, tenants, self.pool, self._admitted,
+                                    settings.preemption_delay, self._preempted)
         self.reconciler.on_worker_lost = lambda cluster_id, name, reason: self.recorder.add(
             cluster_id, "worker-lost", f"{name}: {reason}")
         self.metrics = Metrics(self.records, tenants)
+        self.metrics.live.queue_length = lambda: len(self.queue.positions)
         self.reconciler.on_backend_error = self.metrics.backend_errors.labels
         self._stopped = False
 
     def _admitted(self, record: ClusterRecord) -> None:
         """The queue admitted a cluster: it starts."""
         self.recorder.add(record.id, "admitted")
+        self.metrics.queue_wait.labels(record.tenant).observe(time.time() - record.created_at)
         self.reconciler.ensure(record)
+
+    def _preempted(self, record: ClusterRecord, workers: int, for_tenant: str) -> None:
+        self.recorder.add(record.id, "preempted",
+                          f"{workers} worker(s) taken back for tenant {for_tenant}")
+        self.metrics.preemptions.labels(record.tenant, for_tenant).inc(workers)
 
     async def start(self) -> None:
         await self.store.open([t.name for t in self.tenants])

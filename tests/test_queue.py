@@ -207,6 +207,13 @@ def test_borrowed_workers_are_taken_back_gracefully(make_service: MakeService) -
         [(e["kind"], e["detail"]) for e in events]
     wait_until(lambda: status(svc, "b", wanted["id"])["workers"]["running"] == 3,
                what="b's workers")
+    import httpx
+
+    metrics = httpx.get(svc.url + "/metrics", timeout=30,
+                        headers={"Authorization": f"Bearer {svc.metrics_token()}"}).text
+    assert 'provisioner_preempted_workers_total{for_tenant="b",tenant="a"} 4.0' in metrics
+    assert 'provisioner_queue_wait_seconds_count{tenant="b"} 1.0' in metrics
+    assert 'provisioner_borrowed_cores{tenant="a"} 0.0' in metrics  # back at its guarantee
 
     # a, now at its guarantee, asks for more: it waits, and takes nothing back from b.
     more = post(svc, "a", workers=0)
