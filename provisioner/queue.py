@@ -24,11 +24,23 @@ from typing import Any
 from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status
 from provisioner.preemption import Take, plan, within_guarantee
-from provisioner.quota import Pool, Usage
+from provisioner.quota import OverQuota, Pool, Usage, check_fits
 from provisioner.records import Records
-from provisioner.tenants import Tenant, TenantDirectory
+from provisioner.tenants import Quota, Tenant, TenantDirectory
 
 logger = logging.getLogger("provisioner.queue")
+
+#: Seconds before a pass that failed (the database away, say) is tried again.
+RETRY = 5.0
+
+
+def fits(quota: Quota, usage: Usage, record: ClusterRecord) -> bool:
+    """Whether the cluster fits its tenant's own quota (then only the pool keeps it out)."""
+    try:
+        check_fits(quota, usage, cores=record.cores, memory=record.memory, clusters=1)
+    except OverQuota:
+        return False
+    return True
 
 
 def dominant_share(usage: Usage, tenant: Tenant, pool: Pool) -> float:
@@ -56,6 +68,8 @@ class AdmissionQueue:
         self.positions: dict[str, int] = {}
         self.reasons: dict[str, str] = {}
         self._again = False
+        self._stopped = False
+        self._timers: list[asyncio.TimerHandle] = []
         self._task: asyncio.Task[None] | None = None
         records.listeners.append(self._on_change)
 
@@ -69,9 +83,14 @@ class AdmissionQueue:
 
     def kick(self) -> None:
         """Run a pass soon (another one after the current, if one runs)."""
+        if self._stopped:
+            return  # shutting down: the clusters ending now free room for no one
         self._again = True
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._drain())
+
+    def _kick_later(self, delay: float) -> None:
+        self._timers.append(asyncio.get_running_loop().call_later(delay, self.kick))
 
     def note(self, record: ClusterRecord, reason: str) -> None:
         """A cluster just queued, and why (until the next pass says where it stands)."""
@@ -83,7 +102,10 @@ class AdmissionQueue:
         self.kick()
 
     async def stop(self) -> None:
+        self._stopped = True
         self._again = False
+        for timer in self._timers:
+            timer.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -97,7 +119,8 @@ class AdmissionQueue:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("queue pass failed; again at the next change")
+                logger.exception("queue pass failed; again in %gs", RETRY)
+                self._kick_later(RETRY)
 
     async def admit_waiting(self) -> list[ClusterRecord]:
         """One pass: admit what fits in the fair order; note where the rest stand."""
@@ -146,29 +169,32 @@ class AdmissionQueue:
         return admitted
 
     async def _preempt_for(self, head: ClusterRecord, tenant: Tenant) -> bool:
-        """For a queued cluster within its tenant's guarantee: plan which borrowed workers
-        go, and once the delay is over shrink their clusters (whose runners retire them
-        through Dask). True when workers went now."""
-        if not self.pool.limited or not within_guarantee(
-                tenant, await self.records.usage(tenant.name), head):
+        """For a queued cluster within its tenant's guarantee that only the pool keeps out:
+        plan which borrowed workers go; once the delay is over, plan again from what holds
+        then and shrink those clusters (whose runners retire the workers through Dask).
+        One plan at a time, so two never count the same workers. True when workers went."""
+        usage = await self.records.usage(tenant.name)
+        if not self.pool.limited or not within_guarantee(tenant, usage, head) \
+                or not fits(tenant.quota, usage, head):
             self._preempting.pop(head.id, None)
             return False
         pending = self._preempting.get(head.id)
+        if pending is None and self._preempting:
+            return False  # another cluster's plan first
+        live = [r for r in self.records.live() if r.status != Status.QUEUED]
+        takes = plan(head, self.pool, Usage.of(live), live, {t.name: t for t in self.tenants})
+        if not takes:
+            self._preempting.pop(head.id, None)
+            return False
         if pending is None:
-            live = [r for r in self.records.live() if r.status != Status.QUEUED]
-            takes = plan(head, self.pool, Usage.of(live), live,
-                         {t.name: t for t in self.tenants})
-            if not takes:
-                return False
-            deadline = time.monotonic() + self.preemption_delay
-            self._preempting[head.id] = (deadline, takes)
-            asyncio.get_running_loop().call_later(self.preemption_delay + 0.05, self.kick)
+            self._preempting[head.id] = (time.monotonic() + self.preemption_delay, takes)
+            self._kick_later(self.preemption_delay + 0.05)
             cluster_log(logger, head.tenant, head.id).info(
                 "preempting in %gs: %s", self.preemption_delay,
                 " ".join(f"{t.cluster_id}:{t.workers}" for t in takes))
             return False
-        deadline, takes = pending
-        if time.monotonic() < deadline:
+        if time.monotonic() < pending[0]:
+            self._preempting[head.id] = (pending[0], takes)  # as things stand now
             return False
         del self._preempting[head.id]
         for take in takes:
@@ -178,8 +204,9 @@ class AdmissionQueue:
                 continue
             workers = max(0, victim.workers_requested - take.workers)
             changes: dict[str, Any] = {}
-            if victim.adaptive_minimum:
-                changes["adaptive_minimum"] = min(victim.adaptive_minimum, workers)
+            if victim.adaptive:  # it must not grow straight back into what it gave up
+                changes["adaptive_maximum"] = workers
+                changes["adaptive_minimum"] = min(victim.adaptive_minimum or 0, workers)
             shrunk = await self.records.resize(victim.id, owner.quota, workers, **changes)
             cluster_log(logger, victim.tenant, victim.id).info(
                 "preempted workers=%d for tenant=%s", take.workers, head.tenant)

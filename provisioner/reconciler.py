@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from clusters.base import BACKEND_KEY, Backend, ClusterSpec, LaunchError, Outcome
 from clusters.logs import cluster_log
 from provisioner.models import ClusterRecord, Status, StopReason, Wanted
+from provisioner.quota import Pool
 from provisioner.reaping import reap_reason
 from provisioner.records import Records
 from provisioner.settings import Settings
@@ -286,7 +287,8 @@ class ClusterRunner:
             return record
         if target > record.workers_requested:
             self._down_since = None
-            return await self.rec.records.resize(self.id, tenant.quota, target, best_effort=True)
+            return await self.rec.records.resize(self.id, tenant.quota, target, best_effort=True,
+                                                 pool=self.rec.pool)
         if target < record.workers_requested:
             self._down_since = self._down_since or now
             if now - self._down_since >= self.rec.settings.adapt_down_delay:
@@ -369,6 +371,9 @@ class Reconciler:
         self.tenants = tenants
         self.settings = settings
         self.runners: dict[str, ClusterRunner] = {}
+        #: The capacity all clusters share (adaptive growth stops at it); set by the service.
+        self.pool = Pool()
+        self._closed = False
         #: Counts backend failures by kind (set by the service to its metrics).
         self.on_backend_error: Any = None
         #: Told of every worker lost: (cluster id, worker name, reason).
@@ -383,6 +388,8 @@ class Reconciler:
     def ensure(self, record: ClusterRecord) -> None:
         """Make sure a runner drives this record (called after every change that needs one)."""
         runner = self.runners.get(record.id)
+        if self._closed:
+            return  # shutting down: nothing new starts
         if runner is None and not record.status.terminal and record.status != Status.QUEUED:
             self.runners[record.id] = ClusterRunner(self, record)
         elif runner is not None:
@@ -411,6 +418,7 @@ class Reconciler:
         await self.records.end(record.id, outcome)
 
     async def shutdown(self, stop_clusters: bool) -> None:
+        self._closed = True
         runners = list(self.runners.values())
         for runner in runners:
             runner.task.cancel()
@@ -423,7 +431,9 @@ class Reconciler:
                     await self.backend.stop_cluster(record.id)
                     await self.records.end(record.id, Outcome(StopReason.SHUTDOWN))
 
-            await asyncio.gather(*(stop(r) for r in self.records.live()))
+            # Queued clusters stay queued (nothing of theirs runs) for the next start.
+            await asyncio.gather(*(stop(r) for r in self.records.live()
+                                   if r.status != Status.QUEUED))
         await self.backend.close(stop_clusters=False)
 
     # -- BackendEvents ---------------------------------------------------------------------

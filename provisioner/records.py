@@ -115,7 +115,7 @@ class Records:
                 return self._put(await self.store.update(cluster_id, status=Status.FAILED,
                                                          **ending))
             ending["wanted"] = Wanted.STOPPED
-            if record.status != Status.STOPPING:
+            if record.status not in (Status.STOPPING, Status.QUEUED):  # queued: nothing runs
                 self._put(await self.store.update(cluster_id, status=Status.STOPPING, **ending))
             return self._put(await self.store.update(cluster_id, status=Status.STOPPED, **ending))
 

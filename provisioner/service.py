@@ -94,6 +94,7 @@ class ClusterService:
         self.backend = backend
         self.reconciler = Reconciler(self.records, backend, tenants, settings)
         self.pool = Pool(settings.capacity_cores, settings.capacity_memory)
+        self.reconciler.pool = self.pool
         self.recorder = EventRecorder(self.records, store)
         self.queue = AdmissionQueue(self.records, tenants, self.pool, self._admitted,
                                     settings.preemption_delay, self._preempted)

@@ -338,6 +338,16 @@ def test_squeue_fields_a_tenant_controls_are_checked() -> None:
     assert len(jobs[9].comment) <= 200 and jobs[9].node == ""
     assert jobs[10].scheduler_outcome().reason.value == "no-client"
     assert parse_queue("[]") == {}
+    # Slurm 23.02 and later: states are lists, exit codes objects.
+    newer = parse_queue(json.dumps({"jobs": [
+        {"job_id": 11, "job_state": ["FAILED"], "exit_code": {
+            "status": ["EXITED"], "return_code": {"set": True, "number": 80}}},
+        {"job_id": 12, "job_state": ["CANCELLED", "COMPLETING"], "exit_code": {
+            "status": ["SIGNALED"], "return_code": {"set": True, "number": 0},
+            "signal": {"id": {"set": True, "number": 15}, "name": "TERM"}}},
+    ]}))
+    assert newer[11].scheduler_outcome().reason.value == "idle"
+    assert newer[12].state == JobState.CANCELLED and newer[12].signal == 15
 
 
 def test_sigterm_of_a_running_service_leaves_nothing(slurm: SlurmCluster, tmp_path: Path) -> None:

@@ -78,6 +78,8 @@ class _JobRef:
     stopping: bool = False
     reported: bool = False  # its unasked end was told to the core
     detail: str = ""  # how it ended, in Slurm's terms
+    #: When it was submitted (monotonic): a query begun before that cannot know it yet.
+    submitted: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "node": self.node}
@@ -186,9 +188,10 @@ class SlurmBackend(Backend):
 
     async def poll(self) -> dict[int, Job]:
         """One query for every job; apply what it says to every cluster's jobs."""
+        began = time.monotonic()
         jobs = await commands.queue()
         for cluster_id, cluster in list(self._clusters.items()):
-            await self._apply(cluster_id, cluster, jobs)
+            await self._apply(cluster_id, cluster, jobs, began)
         self._polled.set()
         self._polled = asyncio.Event()
         return jobs
@@ -199,13 +202,16 @@ class SlurmBackend(Backend):
         self._wake.set()
         await polled.wait()
 
-    async def _apply(self, cluster_id: str, cluster: _Cluster, jobs: dict[int, Job]) -> None:
+    async def _apply(self, cluster_id: str, cluster: _Cluster, jobs: dict[int, Job],
+                     began: float) -> None:
         for ref in cluster.jobs():
             job = jobs.get(ref.job_id)
             if job is None:  # gone from the queue: ended longer ago than Slurm keeps jobs
-                if ref.state.ended or ref.stopping:
-                    continue
+                if ref.state.ended or ref.submitted >= began:
+                    continue  # (or submitted after this query began: not in it yet)
                 ref.state, ref.reason = JobState.COMPLETED, None
+                if ref.stopping:
+                    continue
             else:
                 ref.state, ref.reason = job.state, job.pending_reason
                 ref.node = job.node or ref.node
@@ -277,7 +283,7 @@ class SlurmBackend(Backend):
 
     async def _submit(self, spec: ClusterSpec, cluster: _Cluster, process: str,
                       options: dict[str, Any], cores: float, memory: int,
-                      extra_env: dict[str, str] | None = None) -> int:
+                      extra_env: dict[str, str] | None = None, after: str | None = None) -> int:
         place = self._placement(spec)
         args = [
             # A worker's name holds its cluster's id already.
@@ -296,6 +302,8 @@ class SlurmBackend(Backend):
             args.append(f"--partition={partition}")
         if place.qos:
             args.append(f"--qos={place.qos}")
+        if after:
+            args.append(f"--dependency=after:{after}")
         python = spec.python or self.python
         script = (f"#!/bin/sh\nexec {shlex.quote(python)} -m clusters.runner "
                   f"{'scheduler' if process == 'scheduler' else 'worker'} env:{OPTIONS_VAR}\n")
@@ -304,7 +312,14 @@ class SlurmBackend(Backend):
             from clusters.local.backend import runner_path
 
             env["PYTHONPATH"] = str(await asyncio.to_thread(runner_path))
-        return await commands.submit(place.user, args, script, env)
+        submitting = asyncio.ensure_future(commands.submit(place.user, args, script, env))
+        try:
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            # Cancelled (a stop, a start timeout) while sbatch ran: the job may exist already.
+            with contextlib.suppress(Exception):
+                await commands.cancel([await submitting])
+            raise
 
     # -- the interface ---------------------------------------------------------------------
 
@@ -324,11 +339,13 @@ class SlurmBackend(Backend):
                                     address_file=str(cluster.folder / ADDRESS_FILE))
         job_id = await self._submit(spec, cluster, "scheduler", options, spec.scheduler_cores,
                                     spec.scheduler_memory)
-        ref = cluster.scheduler = _JobRef(job_id, reported=True)  # its start reports its end
+        ref = cluster.scheduler = _JobRef(job_id, reported=True,  # its start reports its end
+                                          submitted=time.monotonic())
         if workers:  # those not submitted, the core asks for again once the scheduler runs
             try:
                 await self._submit_workers(spec, cluster, workers,
-                                           address_file=str(cluster.folder / ADDRESS_FILE))
+                                           address_file=str(cluster.folder / ADDRESS_FILE),
+                                           after=str(job_id))
             except LaunchError as exc:
                 logger.warning("slurm: cluster %s: workers not submitted with its scheduler: %s",
                                spec.cluster_id, exc)
@@ -367,7 +384,8 @@ class SlurmBackend(Backend):
     async def _submit_workers(self, spec: ClusterSpec, cluster: _Cluster, names: Sequence[str],
                               **where: str) -> None:
         """One job per worker, all submitted at once; ``where``: the scheduler's ``address``,
-        or the ``address_file`` it will write."""
+        or the ``address_file`` it will write and the scheduler's job id they start ``after``
+        (so none waits for an address while its scheduler pends)."""
 
         async def one(name: str) -> None:
             # Slurm's cgroup holds the worker to its memory; no guard of ours in between.
@@ -375,8 +393,8 @@ class SlurmBackend(Backend):
                                      self.worker_death_timeout, host=NODE_HOST,
                                      memory_guard=False, address_file=where.get("address_file"))
             job_id = await self._submit(spec, cluster, name, options, spec.worker_cores,
-                                        spec.worker_memory, WORKER_ENV)
-            cluster.workers[name] = _JobRef(job_id)
+                                        spec.worker_memory, WORKER_ENV, where.get("after"))
+            cluster.workers[name] = _JobRef(job_id, submitted=time.monotonic())
 
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -387,8 +405,10 @@ class SlurmBackend(Backend):
         cluster = self._clusters.get(cluster_id)
         if cluster is None:
             return
-        refs = [cluster.workers.pop(n) for n in names if n in cluster.workers]
-        await self._cancel(cluster, refs)
+        refs = [cluster.workers[n] for n in names if n in cluster.workers]
+        await self._cancel(cluster, refs)  # raises if Slurm cannot be told: kept, retried
+        for name in names:
+            cluster.workers.pop(name, None)
         await self._save(cluster_id)
 
     async def _cancel(self, cluster: _Cluster, refs: list[_JobRef]) -> None:

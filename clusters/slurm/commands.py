@@ -84,7 +84,8 @@ async def submit(user: str, options: list[str], script: str, env: dict[str, str]
 
 
 async def cancel(job_ids: list[int]) -> None:
-    """Cancel these jobs (root may cancel any); ids Slurm no longer knows are no error."""
+    """Cancel these jobs (root may cancel any); ids Slurm no longer knows, or that ended
+    already, are no error; any other failure (slurmctld away) raises SlurmError."""
     if not job_ids:
         return
     with contextlib.suppress(SlurmError):
@@ -92,8 +93,15 @@ async def cancel(job_ids: list[int]) -> None:
         return
     # One unknown id fails the whole call: cancel one by one, ignoring those.
     for job_id in job_ids:
-        with contextlib.suppress(SlurmError):
+        try:
             await _run(["scancel", str(job_id)], env=base_env())
+        except SlurmError as exc:
+            if not any(word in str(exc) for word in GONE):
+                raise
+
+
+#: What scancel says of a job it no longer has to cancel.
+GONE = ("Invalid job id", "already completing or completed", "Job/step already")
 
 
 async def queue() -> dict[int, Job]:

@@ -100,13 +100,11 @@ class Job:
         job_id = _int(raw.get("job_id"))
         if job_id is None or job_id <= 0:
             return None
-        code = _int(raw.get("exit_code"))
-        exit_status = signal = None
-        if code is not None and code >= 0:  # a wait status: high byte the exit, low the signal
-            exit_status, signal = (code >> 8) & 0xFF, code & 0x7F
-            if signal:
-                exit_status = None
-        return cls(job_id=job_id, state=JobState.of(raw.get("job_state")),
+        exit_status, signal = _exit(raw.get("exit_code"))
+        state = raw.get("job_state")
+        if isinstance(state, list):  # Slurm 23.02 on: a list, the base state first
+            state = state[0] if state else None
+        return cls(job_id=job_id, state=JobState.of(state),
                    reason=_text(raw.get("state_reason")), node=_text(raw.get("batch_host")),
                    exit_status=exit_status, signal=signal or None,
                    comment=_text(raw.get("comment")), user=_text(raw.get("user_name")),
@@ -141,6 +139,28 @@ class Job:
         if self.state == JobState.FAILED and self.exit_status in REAP_REASONS:
             return Outcome(REAP_REASONS[self.exit_status])
         return Outcome.failed(f"scheduler: {self.describe()}")
+
+
+def _number(value: object) -> int | None:
+    """An int, or Slurm's ``{"set": true, "number": N}`` form of one."""
+    if isinstance(value, dict):
+        return _int(value.get("number")) if value.get("set", True) else None
+    return _int(value)
+
+
+def _exit(code: object) -> tuple[int | None, int | None]:
+    """(exit status, signal) of a job: a wait status (22.05: high byte the exit, low the
+    signal) or, from 23.02, ``{"return_code": {"number": N}, "signal": {"id": S}}``."""
+    if isinstance(code, dict):
+        status = _number(code.get("return_code"))
+        signal = code.get("signal")
+        sig = _number(signal.get("id")) if isinstance(signal, dict) else None
+        return (None, sig) if sig else (status, None)
+    value = _int(code)
+    if value is None or value < 0:
+        return None, None
+    exit_status, signal = (value >> 8) & 0xFF, value & 0x7F
+    return (None, signal) if signal else (exit_status, None)
 
 
 def parse_queue(text: str | bytes) -> dict[int, Job]:

@@ -63,6 +63,15 @@ class QuotaWrites(ClusterRows):
             check_pool(pool, self._usage_of(conn, None), cores=record.cores,
                        memory=record.memory)
 
+    @staticmethod
+    def _check_ever_fits(record: ClusterRecord, quota: Quota, pool: Pool) -> None:
+        """OverQuota for a cluster bigger than its tenant's whole quota or the whole pool:
+        no wait would ever make it fit (it is refused, never queued)."""
+        check_fits(quota, Usage(), cores=record.cores, memory=record.memory, clusters=1,
+                   explain=cluster_costs(record))
+        if pool.limited:
+            check_pool(pool, Usage(), cores=record.cores, memory=record.memory)
+
     def _queued(self, conn: Connection, tenant: str) -> int:
         c = clusters_table.c
         return int(conn.execute(sa.select(sa.func.count()).where(
@@ -72,6 +81,7 @@ class QuotaWrites(ClusterRows):
                queue: bool) -> tuple[ClusterRecord, str | None]:
         with self._tx(lock_tenant=record.tenant, lock_pool=pool.limited) as conn:
             check_workers_per_cluster(quota, record.workers_requested)  # no wait makes it fit
+            self._check_ever_fits(record, quota, pool)
             # One that would wait goes behind its tenant's queued clusters; one that would
             # rather not wait is admitted if it fits now, else refused.
             waiting = self._queued(conn, record.tenant) if queue else 0
@@ -146,6 +156,7 @@ class QuotaWrites(ClusterRows):
             usage = self._usage_of(conn, tenant)  # this cluster is live: it is counted
             if queued:
                 check_workers_per_cluster(quota, workers)
+                self._check_ever_fits(record.evolve(workers_requested=workers), quota, pool)
             elif best_effort:
                 workers = workers_that_fit(quota, usage, record, workers)
                 if pool.limited:
