@@ -156,7 +156,7 @@ async def _worker(options: dict[str, Any]) -> Worker:
     from tornado.ioloop import PeriodicCallback
 
     address = options.get("address") or await _scheduler_address(
-        options["address_file"], float(options.get("death_timeout", 60)))
+        options["address_file"], float(options.get("address_wait") or 60))
     # A worker's HTTP server would show its logs and call stacks to anyone who can reach it,
     # with no client certificate asked: it serves nothing (the dashboard is the scheduler's).
     with dask.config.set({"distributed.worker.http.routes": []}):
