@@ -293,7 +293,9 @@ class ClusterService:
     def describe_tenant(self, tenant: Tenant, usage: Usage) -> dict[str, Any]:
         return {
             "name": tenant.name,
-            "quota": tenant.quota.model_dump(),
+            # No guaranteed part: nothing to say (the whole quota is then the ceiling).
+            "quota": tenant.quota.model_dump(exclude={"guaranteed"}
+                                             if tenant.quota.guaranteed is None else None),
             "usage": {"clusters": usage.clusters, "cores": usage.cores,
                       "memory": usage.memory, "workers": usage.workers},
             "defaults": tenant.defaults.model_dump(),
