@@ -74,8 +74,10 @@ class AdmissionQueue:
         records.listeners.append(self._on_change)
 
     def _on_change(self, previous: ClusterRecord | None, record: ClusterRecord) -> None:
-        """Room may have freed: a cluster ended or shrank, or a queued one went."""
-        if previous is None:
+        """Room may have freed: a cluster ended or shrank, or a queued one went. Nothing to
+        do when nothing waits (the last pass placed none, and none was queued since): no
+        query on every cluster's end."""
+        if previous is None or not self.positions:
             return
         if record.status.terminal or record.cores < previous.cores or \
                 record.memory < previous.memory:
