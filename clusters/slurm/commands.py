@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 
 from clusters.base import LaunchError
 from clusters.slurm.jobs import Job, parse_queue
@@ -37,56 +36,21 @@ def require_commands() -> None:
 
 async def _run(argv: list[str], stdin: bytes | None = None, env: dict[str, str] | None = None,
                timeout: float = 60, limit: int = 2**20) -> bytes:
-    """Run a command; its output, read no further than ``limit`` bytes (squeue lists every
-    user's jobs, whose names and comments tenants choose): more is an error, not memory."""
     process = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd="/",
-        start_new_session=True)  # its own group: a kill takes its children (runuser's) too
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd="/")
     try:
-        out, err = await asyncio.wait_for(_talk(process, stdin, limit), timeout)
-    except (TimeoutError, _TooLong) as exc:
+        out, err = await asyncio.wait_for(process.communicate(stdin), timeout)
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
         await process.wait()
-        if isinstance(exc, _TooLong):
-            raise SlurmError(f"{argv[0]} answered more than {limit} bytes") from None
         raise SlurmError(f"{argv[0]} did not answer in {timeout:g}s") from None
     if process.returncode != 0:
         raise SlurmError(_first_error(argv, err))
+    if len(out) > limit:
+        raise SlurmError(f"{argv[0]} answered more than {limit} bytes")
     return out
-
-
-class _TooLong(Exception):
-    pass
-
-
-async def _talk(process: asyncio.subprocess.Process, stdin: bytes | None,
-                limit: int) -> tuple[bytes, bytes]:
-    """Feed ``stdin``, read stdout (at most ``limit`` bytes) and stderr (at most 64 KiB, the
-    rest drained), and wait for the exit."""
-    assert process.stdout is not None and process.stderr is not None
-    if process.stdin is not None:
-        process.stdin.write(stdin or b"")
-        with contextlib.suppress(ConnectionError):
-            await process.stdin.drain()
-        process.stdin.close()
-
-    async def bounded(stream: asyncio.StreamReader, most: int, strict: bool) -> bytes:
-        kept = bytearray()
-        while chunk := await stream.read(65536):
-            if len(kept) + len(chunk) > most:
-                if strict:
-                    raise _TooLong
-                kept += chunk[: most - len(kept)]
-                continue
-            kept += chunk
-        return bytes(kept)
-
-    out, err = await asyncio.gather(bounded(process.stdout, limit, True),
-                                    bounded(process.stderr, 65536, False))
-    await process.wait()
-    return out, err
 
 
 def _first_error(argv: list[str], err: bytes) -> str:
